@@ -1,0 +1,1 @@
+"""nftsg side effects: lab builder, nft backend, state store, agent and command line."""
