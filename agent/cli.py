@@ -1,2 +1,142 @@
-def main() -> int:
+"""The `nftsg` command line (design.md §4).
+
+Each subcommand is added by a registrar: a function that adds its parser to
+the subparsers and sets `handler` (args -> exit code). Subcommands that live in
+other modules add their registrar to `REGISTRARS`, so this file only wires
+them. ECS errors are printed as ECS-shaped JSON on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nftsg.translators.errors import EcsError
+from nftsg.translators.explain import explain
+from nftsg.translators.network import Network
+from nftsg.translators.validate import load_network
+
+EXIT_ERROR = 2
+
+Handler = Callable[[argparse.Namespace], int]
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def print_error(error: EcsError) -> None:
+    print(json.dumps(error.to_dict(), indent=2), file=sys.stderr)
+
+
+def load_network_file(path: str) -> Network:
+    """Read and check a topology file; unreadable files are errors like any other."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise EcsError("InvalidParameter.File", f"cannot read {path}: {reason}", path) from None
+    return load_network(text, source=path)
+
+
+def _running_state_network() -> Network:
+    """The running agent's current model (explain without FILE)."""
+    raise EcsError(
+        "AgentNotRunning",
+        "no topology FILE given and no running nftsg agent to ask; "
+        "pass a FILE or start the agent (nftsg lab up FILE)",
+    )
+
+
+# -- explain ------------------------------------------------------------------
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    network = load_network_file(args.file) if args.file else _running_state_network()
+    result: dict[str, Any] = explain(
+        network,
+        args.src,
+        args.dst,
+        args.protocol,
+        port=args.port,
+        source_port=args.source_port,
+        family=args.family,
+    )
+    print(json.dumps(result, indent=2))
     return 0
+
+
+def register_explain(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "explain",
+        help="the reference evaluator's verdict for one new flow, as JSON",
+        description=(
+            "Explain the verdict for one new flow: the intra-group shortcut, or the "
+            "sender's egress and the receiver's ingress with the deciding rule or default. "
+            "Needs no root."
+        ),
+    )
+    parser.add_argument(
+        "file", nargs="?", metavar="FILE", help="topology file; default: the running agent's state"
+    )
+    parser.add_argument(
+        "--from",
+        dest="src",
+        required=True,
+        metavar="SRC",
+        help="instance id (its primary ENI), ENI id, external host name or IP address",
+    )
+    parser.add_argument("--to", dest="dst", required=True, metavar="DST", help="same as --from")
+    parser.add_argument(
+        "--protocol",
+        required=True,
+        metavar="PROTO",
+        help="TCP, UDP, ICMP, ICMPv6, GRE, ALL (a protocol only ALL rules match) or a number",
+    )
+    parser.add_argument("--port", type=int, metavar="N", help="destination port (TCP/UDP)")
+    parser.add_argument(
+        "--source-port",
+        type=int,
+        metavar="N",
+        help="source port (TCP/UDP); default 0, which no source port range matches",
+    )
+    parser.add_argument(
+        "--family",
+        choices=("ipv4", "ipv6"),
+        type=str.lower,
+        help="address family of named endpoints; default: an IP literal's, else ipv4",
+    )
+    parser.set_defaults(handler=run_explain)
+
+
+# Subcommand name -> registrar. Other modules' subcommands (lab, agent, ecs,
+# api-key) are added here.
+REGISTRARS: dict[str, Registrar] = {
+    "explain": register_explain,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nftsg",
+        description="Alibaba Cloud ECS security groups enforced with nftables",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in REGISTRARS.values():
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except EcsError as error:
+        print_error(error)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,11 +13,21 @@ PascalCase names are accepted as aliases (``IpProtocol``, ``SourceCidrIp``...).
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_pascal
+from pydantic_core import PydanticCustomError
 
 from .errors import EcsError
 
@@ -36,19 +46,69 @@ _ODD_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+def spellings(name: str) -> tuple[str, ...]:
+    """Every accepted spelling of a field: snake_case, PascalCase, ECS's odd forms."""
+    out = [name, to_pascal(name), *_ODD_ALIASES.get(name, ())]
+    return tuple(dict.fromkeys(out))
+
+
 def _alias(name: str) -> AliasChoices:
-    extra = _ODD_ALIASES.get(name, ())
-    return AliasChoices(name, to_pascal(name), *extra)
+    first, *rest = spellings(name)
+    return AliasChoices(first, *rest)
 
 
 class _Strict(BaseModel):
-    """Frozen, no unknown fields, snake_case or PascalCase on input."""
+    """Frozen, no unknown fields, snake_case or PascalCase on input.
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    Numbers are accepted where text is expected (YAML reads ``zone_id: 1`` or
+    ``port_range: 22`` as numbers); validate.py then judges the text, so a bare
+    ``22`` gets ECS's port-range error instead of a type error.
+    """
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, coerce_numbers_to_str=True
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling_per_field(cls, data: Any) -> Any:
+        # pydantic would silently take one of two spellings of the same field.
+        if isinstance(data, dict):
+            for name in cls.model_fields:
+                given = [k for k in spellings(name) if k in data]
+                if len(given) > 1:
+                    raise PydanticCustomError(
+                        "field_given_twice",
+                        "the field {field} is given twice (as {given})",
+                        {"field": name, "given": " and ".join(given)},
+                    )
+        return data
 
 
 def _f(default: Any = None, name: str = "") -> Any:
     return Field(default=default, validation_alias=_alias(name))
+
+
+def _tags_from_ecs_list(value: Any) -> Any:
+    """ECS writes tags as ``[{Key: k, Value: v}]``; the file format as a mapping."""
+    if not isinstance(value, list):
+        return value
+    tags: dict[str, Any] = {}
+    for item in value:
+        if not isinstance(item, dict) or set(item) - {"Key", "Value", "key", "value"}:
+            raise PydanticCustomError(
+                "tag_shape", "a tag in list form is a mapping with Key and Value"
+            )
+        key = item.get("Key", item.get("key"))
+        if key is None:
+            raise PydanticCustomError("tag_shape", "a tag in list form needs a Key")
+        tags[str(key)] = item.get("Value", item.get("value", ""))
+    return tags
+
+
+def _group_ids_from_one_string(value: Any) -> Any:
+    """RunInstances' SecurityGroupId is one id; the file format takes a list."""
+    return (value,) if isinstance(value, str) else value
 
 
 class VSwitch(_Strict):
@@ -90,8 +150,9 @@ class Permission(_Strict):
     dest_group_id: str | None = _f(None, "dest_group_id")
     source_prefix_list_id: str | None = _f(None, "source_prefix_list_id")
     dest_prefix_list_id: str | None = _f(None, "dest_prefix_list_id")
-    policy: str = _f("accept", "policy")
-    priority: int | str = _f(1, "priority")
+    # None (an empty API parameter) means the default, as in ECS.
+    policy: str | None = _f("accept", "policy")
+    priority: int | str | None = _f(1, "priority")
     description: str | None = _f(None, "description")
     security_group_rule_id: str | None = _f(None, "security_group_rule_id")
     nic_type: str | None = _f(None, "nic_type")
@@ -108,6 +169,8 @@ class SecurityGroup(_Strict):
     tags: dict[str, str] = _f({}, "tags")
     permissions: tuple[Permission, ...] = _f((), "permissions")
 
+    _tags = field_validator("tags", mode="before")(_tags_from_ecs_list)
+
 
 class NetworkInterface(_Strict):
     """A secondary ENI of an instance."""
@@ -121,6 +184,8 @@ class NetworkInterface(_Strict):
     mac_address: str | None = _f(None, "mac_address")
     security_group_ids: tuple[str, ...] | None = _f(None, "security_group_ids")
     description: str | None = _f(None, "description")
+
+    _one_group = field_validator("security_group_ids", mode="before")(_group_ids_from_one_string)
 
 
 class Instance(_Strict):
@@ -137,6 +202,9 @@ class Instance(_Strict):
     instance_name: str | None = _f(None, "instance_name")
     network_interfaces: tuple[NetworkInterface, ...] = _f((), "network_interfaces")
     tags: dict[str, str] = _f({}, "tags")
+
+    _one_group = field_validator("security_group_ids", mode="before")(_group_ids_from_one_string)
+    _tags = field_validator("tags", mode="before")(_tags_from_ecs_list)
 
 
 class ExternalHost(_Strict):
@@ -166,6 +234,23 @@ def _loc_to_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+def _describe(error: Any) -> tuple[str, str]:
+    """(ECS code, message) for one pydantic error, in the words of the file format."""
+    loc = tuple(error["loc"])
+    field = str(loc[-1]) if loc else "topology"
+    kind = error["type"]
+    if kind == "missing":
+        return "MissingParameter", f"the field {field} is required"
+    if kind == "extra_forbidden":
+        return "InvalidParameter", f"unknown field {field!r}"
+    if kind in ("field_given_twice", "tag_shape"):
+        return "InvalidParameter", str(error["msg"])
+    shown = repr(error.get("input"))
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return "InvalidParameter", f"{field}: {error['msg']} (got {shown})"
+
+
 def topology_from_data(data: Any) -> Topology:
     """Build a `Topology` from parsed YAML/JSON; structural errors become `EcsError`."""
     if data is None:
@@ -176,16 +261,50 @@ def topology_from_data(data: Any) -> Topology:
         return Topology.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        path = _loc_to_path(tuple(first["loc"]))
-        code = "MissingParameter" if first["type"] == "missing" else "InvalidParameter"
-        raise EcsError(code, f"{first['msg']}", path) from None
+        code, message = _describe(first)
+        raise EcsError(code, message, _loc_to_path(tuple(first["loc"]))) from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: object, where: str) -> None:
+        super().__init__(f"the key {key!r} appears twice in one mapping{where}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a repeated key instead of keeping the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader's own error names it
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise _DuplicateKey(key, f" (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key, "")
+        out[key] = value
+    return out
 
 
 def parse_topology_text(text: str, *, source: str = "<topology>") -> Topology:
     """Parse YAML or JSON text (JSON is YAML's subset, but try JSON first for its errors)."""
     stripped = text.lstrip()
     try:
-        data = json.loads(text) if stripped.startswith(("{", "[")) else yaml.safe_load(text)
+        if stripped.startswith(("{", "[")):
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no objects
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise EcsError("InvalidParameter", f"{source} is not valid YAML or JSON: {exc}") from None
+    except _DuplicateKey as exc:
+        raise EcsError("InvalidParameter", f"{source}: {exc}") from None
     return topology_from_data(data)

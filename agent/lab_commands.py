@@ -1,0 +1,297 @@
+"""`nftsg lab up|down|exec` and `nftsg agent`: the lab's life cycle from the command line.
+
+`lab up` creates the VPC router namespaces first, has the agent put the rules
+in force there, and only then plugs instances in: no port ever exists in an
+unfiltered router. It exits 0 only once every router holds the stored revision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nftsg.translators.errors import EcsError
+from nftsg.translators.model import Topology, parse_topology_text
+from nftsg.translators.network import Network
+from nftsg.translators.validate import build_network
+
+from . import netns
+from .lab import Lab
+from .settings import Settings, settings_from_env
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class LabCommandError(Exception):
+    """A lab command that cannot go on; the message says what to do."""
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabCommandError("needs root (network namespaces and nftables need CAP_NET_ADMIN)")
+
+
+def require_kernel_features() -> None:
+    if not Path("/proc/self/ns/net").exists():
+        raise LabCommandError("this kernel has no network namespaces")
+    try:
+        import nftables  # noqa: F401  (Debian's bindings; see README)
+    except ImportError as exc:
+        raise LabCommandError(
+            "the nftables Python bindings are missing: install Debian's python3-nftables "
+            "and link it into the venv (scripts/install.sh does both)"
+        ) from exc
+
+
+def read_topology(path: str) -> tuple[Topology, Network]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise LabCommandError(f"cannot read {path}: {exc.strerror}") from None
+    topology = parse_topology_text(text, source=path)
+    return topology, build_network(topology)
+
+
+def stored_network(store: Store) -> tuple[int, Network] | None:
+    from nftsg.translators.model import topology_from_data
+
+    state = store.load()
+    if state is None:
+        return None
+    return state.revision, build_network(topology_from_data(state.topology))
+
+
+# -- the background agent --------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"nftsg" in cmdline and b"agent" in cmdline
+
+
+def agent_pid(settings: Settings) -> int | None:
+    try:
+        pid = int(settings.pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def start_agent(settings: Settings) -> int:
+    pid = agent_pid(settings)
+    if pid is not None:
+        return pid
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.log_path, "ab") as logfile:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "nftsg.agent.cli", "agent",
+                "--state-dir", str(settings.state_dir),
+                "--prefix", settings.prefix,
+                "--table", settings.table,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+            start_new_session=True,  # outlives `lab up` and its terminal
+            close_fds=True,
+        )
+    settings.pid_path.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def stop_agent(settings: Settings, timeout: float = 5.0) -> bool:
+    pid = agent_pid(settings)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    try:
+        settings.pid_path.unlink()
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def wait_in_force(
+    settings: Settings, store: Store, lab: Lab, network: Network, revision: int, timeout: float
+) -> None:
+    """Until every VPC router reports `revision` applied, or the agent dies, or time runs out."""
+    namespaces = [lab.router_ns(vpc_id) for vpc_id in network.vpcs]
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = [
+            ns for ns in namespaces
+            if (rec := store.applied(ns)) is None or rec.revision < revision
+        ]
+        if not pending:
+            return
+        if agent_pid(settings) is None:
+            raise LabCommandError(
+                f"the agent exited before enforcing; see {settings.log_path}:\n"
+                + _tail(settings.log_path)
+            )
+        if time.monotonic() > deadline:
+            raise LabCommandError(
+                f"rules not in force after {timeout:.0f} s in {', '.join(pending)}; "
+                f"see {settings.log_path}"
+            )
+        time.sleep(0.05)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# -- commands ----------------------------------------------------------------
+def lab_up(args: argparse.Namespace) -> int:
+    settings = settings_from_env(args.state_dir, args.prefix)
+    topology, network = read_topology(args.file)  # bad input: error before any change
+    require_root()
+    require_kernel_features()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.db_path)
+    try:
+        other = store.get_setting("prefix")
+        if other and other != settings.prefix:
+            raise LabCommandError(
+                f"a lab with prefix {other!r} uses {settings.state_dir}; "
+                "run `nftsg lab down` first or use another --state-dir"
+            )
+        lab = Lab(settings.prefix)
+        started = time.monotonic()
+        lab.ensure_routers(network)
+        revision = store.save_topology(topology.model_dump(mode="json"))
+        store.set_setting("prefix", settings.prefix)
+        store.set_setting("table", settings.table)
+        start_agent(settings)
+        wait_in_force(settings, store, lab, network, revision, args.timeout)
+        lab.apply(network)
+        elapsed = time.monotonic() - started
+    finally:
+        store.close()
+    names = [*network.instances, *network.externals]
+    print(f"lab {settings.prefix!r} is up: revision {revision} in force ({elapsed:.2f} s)")
+    print(f"  VPC routers: {', '.join(lab.router_ns(v) for v in network.vpcs)}")
+    print(f"  hosts: {', '.join(names)}")
+    print("  try:  nftsg lab exec NAME -- ping -c1 -W1 ADDRESS")
+    print("        nftsg explain --from SRC --to DST --protocol tcp --port 22")
+    print("  stop: nftsg lab down")
+    return 0
+
+
+def lab_down(args: argparse.Namespace) -> int:
+    settings = settings_from_env(args.state_dir, args.prefix)
+    require_root()
+    stop_agent(settings)
+    prefixes = {settings.prefix}
+    if settings.db_path.exists():
+        store = Store(settings.db_path)
+        try:
+            stored = store.get_setting("prefix")
+        finally:
+            store.close()
+        if stored:
+            prefixes.add(stored)
+    removed = 0
+    for prefix in sorted(prefixes):
+        lab = Lab(prefix)
+        removed += len(lab.existing())
+        lab.destroy()
+    for path in (settings.db_path, Path(f"{settings.db_path}-wal"), Path(f"{settings.db_path}-shm")):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    print(f"lab down: {removed} namespaces removed")
+    return 0
+
+
+def lab_exec(args: argparse.Namespace) -> int:
+    settings = settings_from_env(args.state_dir, args.prefix)
+    require_root()
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise LabCommandError("usage: nftsg lab exec NAME -- CMD [ARGS...]")
+    if not settings.db_path.exists():
+        raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
+    store = Store(settings.db_path)
+    try:
+        prefix = store.get_setting("prefix") or settings.prefix
+        loaded = stored_network(store)
+    finally:
+        store.close()
+    if loaded is None:
+        raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
+    _, network = loaded
+    namespace = Lab(prefix).host_ns(args.name, network)
+    netns.enter(namespace)  # this process only; it is replaced by CMD next
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        raise LabCommandError(f"cannot run {command[0]}: {exc.strerror}") from None
+    return 127  # not reached
+
+
+def agent_command(args: argparse.Namespace) -> int:
+    from .daemon import run_forever
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    require_root()
+    require_kernel_features()
+    settings = settings_from_env(args.state_dir, args.prefix, args.table)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings.pid_path.write_text(f"{os.getpid()}\n")
+    return run_forever(settings)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `lab` and `agent` to the top-level command line."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", help="state directory (default /var/lib/nftsg)")
+    common.add_argument("--prefix", help="name prefix of the lab's namespaces (default nftsg)")
+
+    lab = sub.add_parser("lab", help="build, use and remove a namespace lab")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    up = lab_sub.add_parser("up", parents=[common], help="build (or converge) and enforce FILE")
+    up.add_argument("file")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for enforcement")
+    up.set_defaults(func=lab_up)
+    down = lab_sub.add_parser("down", parents=[common], help="stop the agent, remove the lab")
+    down.set_defaults(func=lab_down)
+    exe = lab_sub.add_parser("exec", parents=[common], help="run CMD inside a lab host")
+    exe.add_argument("name", help="instance id, ENI id or external host name")
+    exe.add_argument("command", nargs=argparse.REMAINDER)
+    exe.set_defaults(func=lab_exec)
+
+    agent = sub.add_parser("agent", parents=[common], help="run the agent in the foreground")
+    agent.add_argument("--table", help="nftables table name (default nftsg)")
+    agent.set_defaults(func=agent_command)
+
+
+HANDLED_ERRORS = (LabCommandError, EcsError)

@@ -1,0 +1,365 @@
+"""Programming nftables in named network namespaces through libnftables JSON.
+
+A libnftables context talks to the namespace of the thread that created it
+(lab-notes: "Python and the nftables bindings"), so each namespace gets one
+worker thread that enters it once, creates its own context and serves every
+request for that namespace from a queue. The root namespace is refused unless
+the backend is built with ``allow_root_namespace=True``: the agent only ever
+touches namespaces it created.
+
+The commands are plain libnftables JSON command dicts (``{"add": {...}}``); the
+backend writes the ``{"nftables": [...]}`` envelope itself, so callers never
+depend on this module's internals and the fake backend takes the same input.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+NETNS_DIR = "/run/netns"
+
+# Loading ~40k rules leaves ~350 MB in glibc's free lists (lab-notes); trim
+# after batches at least this long (a one-element update is not worth it).
+_TRIM_AFTER_COMMANDS = 1000
+
+_T = TypeVar("_T")
+
+
+class NftError(Exception):
+    """An nft transaction, check or listing failed; nothing was changed.
+
+    Carries what an operator needs to reproduce it: the libnftables return
+    code, its error text and the exact batch of commands.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rc: int,
+        stderr: str,
+        batch: list[dict[str, Any]],
+        namespace: str,
+    ) -> None:
+        super().__init__(message)
+        self.rc = rc
+        self.stderr = stderr
+        self.batch = batch
+        self.namespace = namespace
+
+    def __str__(self) -> str:
+        first = self.stderr.strip().splitlines()[:1]
+        detail = f": {first[0]}" if first else ""
+        return (
+            f"{self.args[0]} (namespace {self.namespace!r}, rc={self.rc}, "
+            f"{len(self.batch)} commands){detail}"
+        )
+
+
+class NamespaceNotFound(NftError):
+    """The namespace does not exist (or was replaced); it is never created."""
+
+
+class Backend(Protocol):
+    """What the agent needs from nftables, per namespace."""
+
+    def apply(self, namespace: str, commands: list[dict[str, Any]]) -> None:
+        """Run `commands` as one atomic transaction; on NftError nothing changed."""
+
+    def check(self, namespace: str, commands: list[dict[str, Any]]) -> None:
+        """Dry-run `commands`; raises NftError where apply would."""
+
+    def list_table(self, namespace: str, family: str, table: str) -> dict[str, Any] | None:
+        """The table's JSON listing (``{"nftables": [...]}``), None if absent."""
+
+    def delete_table(self, namespace: str, family: str, table: str) -> None:
+        """Delete the table with its contents; no error if it is absent."""
+
+    def release(self, namespace: str) -> None:
+        """Forget per-namespace resources (the namespace is going away)."""
+
+    def close(self) -> None:
+        """Release everything."""
+
+
+def envelope(commands: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"nftables": commands}
+
+
+def table_ref(family: str, table: str) -> dict[str, Any]:
+    return {"table": {"family": family, "name": table}}
+
+
+def delete_table_commands(family: str, table: str) -> list[dict[str, Any]]:
+    # nft 1.0.6 has no "destroy": adding first makes the delete succeed
+    # whether or not the table existed, and both happen in one transaction.
+    return [{"add": table_ref(family, table)}, {"delete": table_ref(family, table)}]
+
+
+def check_namespace_name(namespace: str) -> None:
+    """Refuse names that are not a plain entry of /run/netns."""
+    if not namespace or "/" in namespace or namespace in (".", ".."):
+        raise NamespaceNotFound(
+            f"invalid namespace name {namespace!r}",
+            rc=-1,
+            stderr="",
+            batch=[],
+            namespace=namespace,
+        )
+
+
+def _malloc_trim() -> None:
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return
+
+
+class _NamespaceWorker:
+    """One thread living in one namespace, owning one libnftables context."""
+
+    def __init__(self, namespace: str, enter: bool) -> None:
+        self.namespace = namespace
+        self._enter = enter
+        self._requests: queue.SimpleQueue[
+            tuple[Callable[[Any], Any], Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._ready: Future[None] = Future()
+        self._ns_ino: tuple[int, int] | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"nft-{namespace or 'root'}", daemon=True
+        )
+        self._thread.start()
+        self._ready.result()  # re-raises NamespaceNotFound from the thread
+
+    def call(self, fn: Callable[[Any], _T]) -> _T:
+        fut: Future[_T] = Future()
+        self._requests.put((fn, fut))
+        return fut.result()
+
+    def stop(self) -> None:
+        self._requests.put(None)
+        self._thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _missing(self, why: str) -> NamespaceNotFound:
+        return NamespaceNotFound(why, rc=-1, stderr="", batch=[], namespace=self.namespace)
+
+    def _enter_namespace(self) -> None:
+        # Imported here so that importing this module (e.g. for NftError or the
+        # protocol) needs neither pyroute2 nor root.
+        from pyroute2 import netns
+
+        path = os.path.join(NETNS_DIR, self.namespace)
+        if not os.path.exists(path):
+            raise self._missing(f"namespace {self.namespace!r} does not exist")
+        try:
+            # flags=0: without it pyroute2 creates a missing namespace.
+            netns.setns(self.namespace, flags=0)
+        except OSError as exc:
+            raise self._missing(f"cannot enter namespace {self.namespace!r}: {exc}") from exc
+        st = os.stat("/proc/thread-self/ns/net")
+        self._ns_ino = (st.st_dev, st.st_ino)
+
+    def still_there(self) -> None:
+        """Raise if the namespace was deleted or replaced since we entered it.
+
+        A thread inside a namespace keeps it alive after `ip netns del`, so
+        without this check rules would silently go to an orphan namespace.
+        """
+        if self._ns_ino is None:
+            return
+        try:
+            st = os.stat(os.path.join(NETNS_DIR, self.namespace))
+        except FileNotFoundError:
+            raise self._missing(f"namespace {self.namespace!r} was deleted") from None
+        if (st.st_dev, st.st_ino) != self._ns_ino:
+            raise self._missing(f"namespace {self.namespace!r} was replaced")
+
+    def _run(self) -> None:
+        try:
+            if self._enter:
+                self._enter_namespace()
+            import nftables
+
+            ctx = nftables.Nftables()
+            ctx.set_json_output(True)
+            ctx.set_handle_output(False)
+            # Listings without counter values: stable across calls and
+            # comparable with the fake backend's state.
+            ctx.set_stateless_output(True)
+        except NftError as exc:
+            self._ready.set_exception(exc)
+            return
+        except (OSError, ImportError) as exc:
+            self._ready.set_exception(self._missing(f"cannot start nft worker: {exc}"))
+            return
+        self._ready.set_result(None)
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                self.still_there()
+            except NamespaceNotFound as exc:
+                # Leave the orphan namespace; a later call starts afresh.
+                fut.set_exception(exc)
+                return
+            try:
+                fut.set_result(fn(ctx))
+            except BaseException as exc:  # handed to the caller's thread, never lost
+                fut.set_exception(exc)
+
+
+class NftBackend:
+    """The real backend: libnftables JSON, one worker thread per namespace."""
+
+    def __init__(self, *, allow_root_namespace: bool = False) -> None:
+        self._allow_root = allow_root_namespace
+        self._workers: dict[str, _NamespaceWorker] = {}
+        self._lock = threading.Lock()
+        self.last_timing: dict[str, float] = {}
+
+    # -- plumbing --------------------------------------------------------
+
+    def _worker(self, namespace: str | None) -> _NamespaceWorker:
+        name = namespace or ""
+        if name == "" and not self._allow_root:
+            raise NamespaceNotFound(
+                "the root namespace is not managed by this backend",
+                rc=-1,
+                stderr="",
+                batch=[],
+                namespace="",
+            )
+        if name:
+            check_namespace_name(name)
+        with self._lock:
+            worker = self._workers.get(name)
+            if worker is not None and worker.alive():
+                return worker
+            worker = _NamespaceWorker(name, enter=bool(name))
+            self._workers[name] = worker
+            return worker
+
+    def _run(
+        self,
+        namespace: str,
+        commands: list[dict[str, Any]],
+        *,
+        dry_run: bool,
+        what: str,
+    ) -> Any:
+        worker = self._worker(namespace)
+
+        def job(ctx: Any) -> Any:
+            old = ctx.set_dry_run(dry_run)
+            try:
+                started = time.perf_counter()
+                rc, output, error = ctx.json_cmd(envelope(commands))
+                self.last_timing[namespace] = time.perf_counter() - started
+            finally:
+                ctx.set_dry_run(old)
+            if len(commands) >= _TRIM_AFTER_COMMANDS:
+                _malloc_trim()
+            return rc, output, error
+
+        rc, output, error = worker.call(job)
+        if rc != 0:
+            log.log(
+                logging.DEBUG if what == "listing" else logging.WARNING,
+                "nft %s failed in %s: rc=%s %s",
+                what,
+                namespace,
+                rc,
+                error.strip(),
+            )
+            raise NftError(
+                f"nft {what} failed",
+                rc=rc,
+                stderr=error,
+                batch=commands,
+                namespace=namespace,
+            )
+        return output
+
+    # -- Backend ---------------------------------------------------------
+
+    def apply(self, namespace: str, commands: list[dict[str, Any]]) -> None:
+        if not commands:
+            return
+        self._run(namespace, commands, dry_run=False, what="transaction")
+
+    def check(self, namespace: str, commands: list[dict[str, Any]]) -> None:
+        if not commands:
+            return
+        self._run(namespace, commands, dry_run=True, what="check")
+
+    def list_table(self, namespace: str, family: str, table: str) -> dict[str, Any] | None:
+        cmd = [{"list": table_ref(family, table)}]
+        try:
+            output = self._run(namespace, cmd, dry_run=False, what="listing")
+        except NamespaceNotFound:
+            raise
+        except NftError:
+            # The error text for a missing table is not a stable interface;
+            # ask which tables exist instead of parsing it.
+            tables = self._run(
+                namespace, [{"list": {"tables": {"family": family}}}], dry_run=False, what="listing"
+            )
+            names = {
+                item["table"]["name"]
+                for item in (tables or {}).get("nftables", [])
+                if "table" in item
+            }
+            if table not in names:
+                return None
+            raise
+        return output if isinstance(output, dict) else None
+
+    def delete_table(self, namespace: str, family: str, table: str) -> None:
+        self._run(namespace, delete_table_commands(family, table), dry_run=False, what="delete")
+
+    def release(self, namespace: str) -> None:
+        with self._lock:
+            worker = self._workers.pop(namespace, None)
+        if worker is not None:
+            worker.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            workers = list(self._workers.values())
+            self._workers.clear()
+        for worker in workers:
+            worker.stop()
+
+    def __enter__(self) -> NftBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def dumps(commands: list[dict[str, Any]]) -> str:
+    """The batch as the JSON text nft receives (for logs and error reports)."""
+    return json.dumps(envelope(commands), sort_keys=True)

@@ -1,0 +1,165 @@
+"""Store -> kernel: compile the model, apply one transaction per VPC router, cut flows.
+
+The reconciler remembers the program it last applied to each namespace and
+sends only the difference. When it does not know (start, restart, after an
+error, or when verification finds the kernel differs) it sends a full sync:
+one batch that deletes and recreates the table, which the kernel applies
+atomically, so there is never a moment without rules. After a change, existing
+conntrack entries whose flow the new model denies are deleted, so the change
+applies to established flows too; flows that stay allowed are left alone and
+lose no packet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nftsg.translators.compiler import compile_all
+from nftsg.translators.diff import diff_programs
+from nftsg.translators.evaluator import Flow, evaluate
+from nftsg.translators.network import Network
+from nftsg.translators.nft import Program
+
+from .nft_backend import Backend, NftError
+
+log = logging.getLogger(__name__)
+
+# Given a namespace and a predicate over conntrack entries ("is this flow still
+# allowed?"), delete the entries the predicate rejects; returns how many.
+FlowPruner = Callable[[str, Callable[[Flow], bool]], int]
+
+
+def program_digest(program: Program) -> str:
+    return hashlib.sha256(
+        json.dumps(program.to_json(), sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+@dataclass
+class SyncReport:
+    """What one sync did, per namespace: commands sent, full or incremental, flows cut."""
+
+    commands: dict[str, int] = field(default_factory=dict)
+    full: dict[str, bool] = field(default_factory=dict)
+    flows_cut: dict[str, int] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return any(self.commands.values())
+
+
+class Reconciler:
+    def __init__(
+        self,
+        backend: Backend,
+        namespace_of: Callable[[str], str],
+        *,
+        table: str = "nftsg",
+        prune_flows: FlowPruner | None = None,
+        namespace_exists: Callable[[str], bool] = lambda _ns: True,
+    ) -> None:
+        self.backend = backend
+        self.namespace_of = namespace_of
+        self.table = table
+        self.prune_flows = prune_flows
+        self.namespace_exists = namespace_exists
+        self.applied: dict[str, Program] = {}
+
+    def forget(self, namespace: str | None = None) -> None:
+        """Drop what we believe the kernel holds, so the next sync is a full one."""
+        if namespace is None:
+            self.applied.clear()
+        else:
+            self.applied.pop(namespace, None)
+
+    def sync(self, network: Network) -> SyncReport:
+        """Bring every VPC router namespace to `network`. Raises NftError on the first failure
+        (that namespace keeps its last good rules and will get a full sync next time)."""
+        report = SyncReport()
+        programs = compile_all(network, self.table)
+        for vpc_id, program in sorted(programs.items()):
+            namespace = self.namespace_of(vpc_id)
+            if not self.namespace_exists(namespace):
+                log.warning("router namespace %s of %s is missing; not enforcing", namespace, vpc_id)
+                self.applied.pop(namespace, None)
+                continue
+            old = self.applied.get(namespace)
+            commands = diff_programs(old, program)
+            report.full[namespace] = old is None
+            report.commands[namespace] = len(commands)
+            report.digests[namespace] = program_digest(program)
+            if commands:
+                try:
+                    self.backend.apply(namespace, commands)
+                except NftError:
+                    self.applied.pop(namespace, None)
+                    raise
+            self.applied[namespace] = program
+            if commands and old is not None and self.prune_flows is not None:
+                report.flows_cut[namespace] = self.prune_flows(
+                    namespace, lambda flow: evaluate(network, flow).verdict == "accept"
+                )
+        return report
+
+    def verify(self) -> list[str]:
+        """Namespaces whose kernel table does not hold what we applied; they are forgotten
+        so that the next sync rewrites them in full."""
+        drifted = []
+        for namespace, program in sorted(self.applied.items()):
+            listing = self.backend.list_table(namespace, "inet", self.table)
+            if listing is None or kernel_summary(listing) != program_summary(program):
+                drifted.append(namespace)
+        for namespace in drifted:
+            log.warning("kernel table in %s differs from the applied program", namespace)
+            self.applied.pop(namespace, None)
+        return drifted
+
+
+Summary = dict[str, object]
+
+
+def program_summary(program: Program) -> Summary:
+    """Object names, rule counts per chain and element counts per set/map of a program."""
+    return _summarise(program.full_sync_commands(), adds=True)
+
+
+def kernel_summary(listing: dict[str, object]) -> Summary:
+    items = listing.get("nftables", [])
+    assert isinstance(items, list)
+    return _summarise(items, adds=False)
+
+
+def _summarise(items: list[dict[str, object]], *, adds: bool) -> Summary:
+    chains: dict[str, int] = {}
+    sets: dict[str, int] = {}
+    for item in items:
+        if adds:
+            if "add" not in item:
+                continue
+            obj = item["add"]
+            assert isinstance(obj, dict)
+        else:
+            obj = item
+        for kind, body in obj.items():
+            if not isinstance(body, dict):
+                continue
+            if kind == "chain":
+                chains.setdefault(str(body["name"]), 0)
+            elif kind == "rule":
+                name = str(body["chain"])
+                chains[name] = chains.get(name, 0) + 1
+            elif kind in ("set", "map"):
+                elems = body.get("elem", [])
+                sets[str(body["name"])] = sets.get(str(body["name"]), 0) + (
+                    len(elems) if isinstance(elems, list) else 0
+                )
+            elif kind == "element":
+                elems = body.get("elem", [])
+                name = str(body["name"])
+                sets[name] = sets.get(name, 0) + (len(elems) if isinstance(elems, list) else 0)
+    return {"chains": chains, "sets": sets}
