@@ -20,6 +20,8 @@ from nftsg.translators.explain import explain
 from nftsg.translators.network import Network
 from nftsg.translators.validate import load_network
 
+from . import lab_commands
+
 EXIT_ERROR = 2
 
 Handler = Callable[[argparse.Namespace], int]
@@ -41,12 +43,26 @@ def load_network_file(path: str) -> Network:
 
 
 def _running_state_network() -> Network:
-    """The running agent's current model (explain without FILE)."""
-    raise EcsError(
-        "AgentNotRunning",
-        "no topology FILE given and no running nftsg agent to ask; "
-        "pass a FILE or start the agent (nftsg lab up FILE)",
-    )
+    """The running agent's current model (explain without FILE), from its state store."""
+    from .lab_commands import stored_network
+    from .settings import settings_from_env
+    from .store import Store
+
+    settings = settings_from_env()
+    loaded = None
+    if settings.db_path.exists():
+        store = Store(settings.db_path)
+        try:
+            loaded = stored_network(store)
+        finally:
+            store.close()
+    if loaded is None:
+        raise EcsError(
+            "AgentNotRunning",
+            f"no topology FILE given and no stored state in {settings.state_dir}; "
+            "pass a FILE or start a lab (nftsg lab up FILE)",
+        )
+    return loaded[1]
 
 
 # -- explain ------------------------------------------------------------------
@@ -114,6 +130,7 @@ def register_explain(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 # api-key) are added here.
 REGISTRARS: dict[str, Registrar] = {
     "explain": register_explain,
+    "lab": lab_commands.register,  # also adds `agent`
 }
 
 
@@ -135,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except EcsError as error:
         print_error(error)
+        return EXIT_ERROR
+    except lab_commands.LabCommandError as error:
+        print(f"nftsg: {error}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-from nftsg.translators.errors import EcsError
 from nftsg.translators.model import Topology, parse_topology_text
 from nftsg.translators.network import Network
 from nftsg.translators.validate import build_network
@@ -256,6 +255,30 @@ def lab_exec(args: argparse.Namespace) -> int:
     return 127  # not reached
 
 
+def lab_check(args: argparse.Namespace) -> int:
+    from . import matrix
+
+    settings = settings_from_env(args.state_dir, args.prefix)
+    require_root()
+    if not settings.db_path.exists():
+        raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
+    store = Store(settings.db_path)
+    try:
+        prefix = store.get_setting("prefix") or settings.prefix
+        loaded = stored_network(store)
+    finally:
+        store.close()
+    if loaded is None:
+        raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
+    _, network = loaded
+    lab = Lab(prefix)
+    hosts = matrix.lab_hosts(network, lambda name: lab.host_ns(name, network))
+    probes = matrix.plan(network, hosts, args.tcp, args.udp)
+    outcomes = matrix.run(network, probes, timeout=args.timeout)
+    print(matrix.render(outcomes))
+    return 0 if all(o.agrees for o in outcomes) else 1
+
+
 def agent_command(args: argparse.Namespace) -> int:
     from .daemon import run_forever
 
@@ -281,17 +304,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = lab_sub.add_parser("up", parents=[common], help="build (or converge) and enforce FILE")
     up.add_argument("file")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for enforcement")
-    up.set_defaults(func=lab_up)
+    up.set_defaults(handler=lab_up)
     down = lab_sub.add_parser("down", parents=[common], help="stop the agent, remove the lab")
-    down.set_defaults(func=lab_down)
+    down.set_defaults(handler=lab_down)
     exe = lab_sub.add_parser("exec", parents=[common], help="run CMD inside a lab host")
     exe.add_argument("name", help="instance id, ENI id or external host name")
     exe.add_argument("command", nargs=argparse.REMAINDER)
-    exe.set_defaults(func=lab_exec)
+    exe.set_defaults(handler=lab_exec)
+
+    check = lab_sub.add_parser(
+        "check", parents=[common], help="real traffic between every pair of hosts vs the evaluator"
+    )
+    check.add_argument("--tcp", type=int, nargs="*", default=[22, 80, 443, 5432, 8080])
+    check.add_argument("--udp", type=int, nargs="*", default=[5353])
+    check.add_argument("--timeout", type=float, default=0.4, help="seconds per probe")
+    check.set_defaults(handler=lab_check)
 
     agent = sub.add_parser("agent", parents=[common], help="run the agent in the foreground")
     agent.add_argument("--table", help="nftables table name (default nftsg)")
-    agent.set_defaults(func=agent_command)
+    agent.set_defaults(handler=agent_command)
 
-
-HANDLED_ERRORS = (LabCommandError, EcsError)

@@ -1,0 +1,219 @@
+"""Listing and cutting conntrack entries in a VPC router namespace.
+
+Removing an allow rule does not stop a flow that conntrack already accepted
+(the `ct state established accept` shortcut lets it through). After a change
+the agent lists the namespace's flows, asks the reference evaluator about each
+original tuple and deletes the entries whose verdict became drop; with
+``nf_conntrack_tcp_loose=1`` the next packet of such a flow is a new flow and
+meets the current rules (lab-notes, "Conntrack").
+
+pyroute2's ``Conntrack(netns=...)`` forks a helper into the namespace (~7 ms),
+so one socket per (namespace, address family) is kept while the `Conntracker`
+lives. Deletion passes the entry's conntrack id, so a flow that was replaced
+by a new one with the same tuple in the meantime is left alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .nft_backend import NETNS_DIR, check_namespace_name
+
+log = logging.getLogger(__name__)
+
+_ICMP_PROTOS = (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
+
+
+class ConntrackError(Exception):
+    """Listing or deleting conntrack entries failed."""
+
+    def __init__(self, message: str, *, namespace: str) -> None:
+        super().__init__(f"{message} (namespace {namespace!r})")
+        self.namespace = namespace
+
+
+@dataclass(frozen=True)
+class FlowEntry:
+    """The original-direction tuple of one conntrack entry.
+
+    For ICMP and ICMPv6 `sport` and `dport` are 0 (security-group rules match
+    ICMP without ports); type, code and id are kept separately.
+    """
+
+    family: int  # socket.AF_INET or socket.AF_INET6
+    src: str
+    dst: str
+    proto: int
+    sport: int
+    dport: int
+    mark: int = 0
+    state: str = ""  # TCP state name (ESTABLISHED...), "" for other protocols
+    status: int = 0  # IPS_* bits
+    zone: int = 0
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    icmp_id: int | None = None
+    ct_id: int | None = None
+
+    @property
+    def ipv6(self) -> bool:
+        return self.family == socket.AF_INET6
+
+
+Predicate = Callable[[FlowEntry], bool]
+
+
+def _entry_to_flow(entry: Any) -> FlowEntry:
+    t = entry.tuple_orig
+    icmp = t.proto in _ICMP_PROTOS
+    state = ""
+    if entry.protoinfo is not None:
+        state = entry.protoinfo.state_name()
+    return FlowEntry(
+        family=t.family,
+        src=str(t.saddr),
+        dst=str(t.daddr),
+        proto=int(t.proto),
+        sport=0 if icmp or t.sport is None else int(t.sport),
+        dport=0 if icmp or t.dport is None else int(t.dport),
+        mark=int(entry.mark or 0),
+        state=state,
+        status=int(entry.status or 0),
+        zone=int(entry.zone or 0),
+        icmp_type=t.icmp_type if icmp else None,
+        icmp_code=t.icmp_code if icmp else None,
+        icmp_id=t.icmp_id if icmp else None,
+        ct_id=None if entry.id is None else int(entry.id),
+    )
+
+
+class Conntracker:
+    """Conntrack sockets for the namespaces in use; close() when done."""
+
+    def __init__(self) -> None:
+        self._sockets: dict[tuple[str, int], Any] = {}
+
+    def _socket(self, namespace: str, family: int) -> Any:
+        key = (namespace, family)
+        sock = self._sockets.get(key)
+        if sock is None:
+            check_namespace_name(namespace)
+            if not os.path.exists(os.path.join(NETNS_DIR, namespace)):
+                # pyroute2 would create a missing namespace: refuse first.
+                raise ConntrackError("namespace does not exist", namespace=namespace)
+            from pyroute2 import Conntrack
+
+            # AF_UNSPEC dumps every family; deleting needs the entry's own
+            # family, because the kernel parses the tuple by it.
+            sock = Conntrack(netns=namespace, nfgen_family=family)
+            self._sockets[key] = sock
+        return sock
+
+    def list_flows(self, namespace: str) -> list[FlowEntry]:
+        sock = self._socket(namespace, socket.AF_UNSPEC)
+        try:
+            return [
+                _entry_to_flow(e)
+                for e in sock.dump_entries()
+                if e.tuple_orig.family in (socket.AF_INET, socket.AF_INET6)
+            ]
+        except OSError as exc:
+            self._drop(namespace)
+            raise ConntrackError(f"cannot list conntrack entries: {exc}", namespace=namespace) from exc
+
+    def delete_flows(self, namespace: str, entries: Iterable[FlowEntry]) -> int:
+        """Delete the entries; returns how many existed. Gone ones are not errors."""
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+        deleted = 0
+        for flow in entries:
+            sock = self._socket(namespace, flow.family)
+            icmp = flow.proto in _ICMP_PROTOS
+            orig = NFCTAttrTuple(
+                family=flow.family,
+                saddr=flow.src,
+                daddr=flow.dst,
+                proto=flow.proto,
+                sport=None if icmp else flow.sport,
+                dport=None if icmp else flow.dport,
+                icmp_id=flow.icmp_id if icmp else None,
+                icmp_type=flow.icmp_type if icmp else None,
+                icmp_code=flow.icmp_code if icmp else None,
+            )
+            extra: dict[str, Any] = {}
+            if flow.ct_id is not None:
+                extra["id"] = flow.ct_id
+            if flow.zone:
+                extra["zone"] = flow.zone
+            try:
+                sock.entry("del", tuple_orig=orig, **extra)
+            except NetlinkError as exc:
+                if exc.code == errno.ENOENT:
+                    continue  # already gone: timed out, or closed meanwhile
+                raise ConntrackError(
+                    f"cannot delete conntrack entry {flow}: {exc}", namespace=namespace
+                ) from exc
+            except OSError as exc:
+                self._drop(namespace)
+                raise ConntrackError(
+                    f"cannot delete conntrack entry {flow}: {exc}", namespace=namespace
+                ) from exc
+            deleted += 1
+        return deleted
+
+    def prune(self, namespace: str, predicate: Predicate) -> int:
+        """Delete every entry whose original tuple `predicate` rejects (False).
+
+        Returns the number of entries deleted. The predicate is normally the
+        reference evaluator asked "would this flow be accepted now?".
+        """
+        doomed = [flow for flow in self.list_flows(namespace) if not predicate(flow)]
+        if doomed:
+            log.info("cutting %d flow(s) in %s", len(doomed), namespace)
+        return self.delete_flows(namespace, doomed)
+
+    def release(self, namespace: str) -> None:
+        self._drop(namespace)
+
+    def _drop(self, namespace: str) -> None:
+        for key in [k for k in self._sockets if k[0] == namespace]:
+            sock = self._sockets.pop(key)
+            try:
+                sock.close()
+            except OSError:
+                log.debug("closing conntrack socket for %s failed", namespace)
+
+    def close(self) -> None:
+        for namespace in sorted({k[0] for k in self._sockets}):
+            self._drop(namespace)
+
+    def __enter__(self) -> Conntracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# Module-level conveniences for one-off use (each opens and closes sockets).
+
+
+def list_flows(namespace: str) -> list[FlowEntry]:
+    with Conntracker() as ct:
+        return ct.list_flows(namespace)
+
+
+def delete_flows(namespace: str, entries: Iterable[FlowEntry]) -> int:
+    with Conntracker() as ct:
+        return ct.delete_flows(namespace, entries)
+
+
+def prune(namespace: str, predicate: Predicate) -> int:
+    with Conntracker() as ct:
+        return ct.prune(namespace, predicate)

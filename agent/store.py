@@ -1,0 +1,264 @@
+"""The agent's durable state: the topology document, its revision, what each
+VPC namespace was last programmed with, and a few lab settings.
+
+SQLite in WAL mode with ``synchronous=FULL``: every write below is one
+transaction, so a crash (even SIGKILL or power loss) leaves either the old or
+the new state, never a mix. The raw topology is stored, not the compiled
+program: the program is derived and may change with the compiler; the
+"applied" digests tell a restarted agent whether the kernel should already
+hold what the current compiler produces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "/var/lib/nftsg/state.db"
+ENV_VAR = "NFTSG_STATE_DB"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS topology (
+    id        INTEGER PRIMARY KEY CHECK (id = 1),
+    revision  INTEGER NOT NULL,
+    document  TEXT    NOT NULL,
+    digest    TEXT    NOT NULL,
+    saved_at  REAL    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS applied (
+    namespace  TEXT PRIMARY KEY,
+    revision   INTEGER NOT NULL,
+    digest     TEXT    NOT NULL,
+    applied_at REAL    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """The state store cannot be opened or its content is inconsistent."""
+
+
+class StaleRevision(StoreError):
+    """A compare-and-swap save lost a race with another writer."""
+
+    def __init__(self, expected: int, actual: int) -> None:
+        super().__init__(f"topology revision is {actual}, expected {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+@dataclass(frozen=True)
+class AppliedRecord:
+    namespace: str
+    revision: int
+    digest: str  # sha256 of the program JSON that was loaded
+    applied_at: float
+
+
+@dataclass(frozen=True)
+class StoredState:
+    revision: int
+    topology: dict[str, Any]
+    digest: str  # sha256 of the canonical topology JSON
+    saved_at: float
+    applied: dict[str, AppliedRecord]
+
+
+def canonical_json(doc: Any) -> str:
+    """Key-sorted compact JSON: equal documents give equal text and digests."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def digest(doc: Any) -> str:
+    """sha256 of the canonical JSON of `doc` (for topologies and programs)."""
+    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
+
+
+def default_path() -> str:
+    return os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+class Store:
+    """One SQLite database; safe to share between threads of one process."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path if path is not None else default_path())
+        # The store may hold API credentials (other modules' settings): keep
+        # it private to root.
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fresh = not self.path.exists()
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=10
+            )
+            if fresh:
+                os.chmod(self.path, 0o600)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            with self._transaction():
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._db.execute(stmt)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state store {self.path}: {exc}") from exc
+
+    # -- transactions ------------------------------------------------------
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> sqlite3.Connection:
+            # IMMEDIATE takes the write lock up front, so a read-modify-write
+            # (revision + 1) cannot interleave with another writer.
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+            if exc_type is None:
+                self.db.execute("COMMIT")
+            else:
+                self.db.execute("ROLLBACK")
+
+    def _transaction(self) -> Store._Tx:
+        return Store._Tx(self._db)
+
+    # -- topology ------------------------------------------------------------
+
+    def load(self) -> StoredState | None:
+        """The stored topology with its revision and applied records, or None."""
+        with self._lock:
+            self._db.execute("BEGIN")  # one snapshot for both tables
+            try:
+                row = self._db.execute(
+                    "SELECT revision, document, digest, saved_at FROM topology WHERE id = 1"
+                ).fetchone()
+                applied = self._db.execute(
+                    "SELECT namespace, revision, digest, applied_at FROM applied"
+                ).fetchall()
+            finally:
+                self._db.execute("COMMIT")
+        if row is None:
+            return None
+        revision, document, doc_digest, saved_at = row
+        if hashlib.sha256(document.encode()).hexdigest() != doc_digest:
+            raise StoreError(f"state store {self.path}: topology does not match its digest")
+        return StoredState(
+            revision=revision,
+            topology=json.loads(document),
+            digest=doc_digest,
+            saved_at=saved_at,
+            applied={ns: AppliedRecord(ns, rev, dg, at) for ns, rev, dg, at in applied},
+        )
+
+    def revision(self) -> int:
+        """The current topology revision (0 before the first save)."""
+        with self._lock:
+            row = self._db.execute("SELECT revision FROM topology WHERE id = 1").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def save_topology(
+        self, topology_json: dict[str, Any], *, expect_revision: int | None = None
+    ) -> int:
+        """Store a new topology document; returns its revision (previous + 1).
+
+        With `expect_revision`, the save happens only if the stored revision
+        is still that one (compare-and-swap for concurrent API writers).
+        """
+        text = canonical_json(topology_json)
+        doc_digest = hashlib.sha256(text.encode()).hexdigest()
+        with self._lock, self._transaction() as db:
+            row = db.execute("SELECT revision FROM topology WHERE id = 1").fetchone()
+            current = 0 if row is None else int(row[0])
+            if expect_revision is not None and expect_revision != current:
+                raise StaleRevision(expect_revision, current)
+            new = current + 1
+            db.execute(
+                "INSERT INTO topology (id, revision, document, digest, saved_at) "
+                "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "revision = excluded.revision, document = excluded.document, "
+                "digest = excluded.digest, saved_at = excluded.saved_at",
+                (new, text, doc_digest, time.time()),
+            )
+        return new
+
+    # -- what the kernel holds -----------------------------------------------
+
+    def record_applied(self, namespace: str, revision: int, program_digest: str) -> None:
+        with self._lock, self._transaction() as db:
+            db.execute(
+                "INSERT INTO applied (namespace, revision, digest, applied_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (namespace) DO UPDATE SET "
+                "revision = excluded.revision, digest = excluded.digest, "
+                "applied_at = excluded.applied_at",
+                (namespace, revision, program_digest, time.time()),
+            )
+
+    def applied(self, namespace: str) -> AppliedRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT namespace, revision, digest, applied_at FROM applied WHERE namespace = ?",
+                (namespace,),
+            ).fetchone()
+        return None if row is None else AppliedRecord(*row)
+
+    def forget_applied(self, namespace: str) -> None:
+        """The namespace is gone (or must be fully resynced)."""
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM applied WHERE namespace = ?", (namespace,))
+
+    # -- settings --------------------------------------------------------------
+
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return default if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._lock, self._transaction() as db:
+            db.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def set_settings(self, values: dict[str, str]) -> None:
+        """Several settings in one transaction."""
+        with self._lock, self._transaction() as db:
+            db.executemany(
+                "INSERT INTO settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                sorted(values.items()),
+            )
+
+    def delete_setting(self, key: str) -> None:
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM settings WHERE key = ?", (key,))
+
+    def settings(self) -> dict[str, str]:
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM settings").fetchall()
+        return {str(k): str(v) for k, v in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

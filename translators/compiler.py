@@ -1,0 +1,433 @@
+"""Network -> the nftables program of one VPC router (layout: docs/dataplane.md).
+
+Pure and deterministic: the output depends on the model's content, never on the
+order of its dicts. Only ids and numbers reach the program.
+
+Cost: a bucket (one priority and policy of one direction, one family) is a
+function of the groups that contribute rules to it, not of the ENI, so its
+split into parts is cached under that group signature and reused by every ENI
+whose groups give the same bucket. Addresses, ports and protocols are int
+spans; overlap checks use an index on the peer CIDR, not all pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .network import (
+    PROTOCOL_NUMBERS,
+    CidrPeer,
+    Eni,
+    GroupPeer,
+    IPNetwork,
+    Network,
+    PrefixListPeer,
+    Rule,
+    SecurityGroup,
+)
+from .nft import (
+    ACCEPT,
+    DROP,
+    RETURN,
+    BaseHook,
+    Concat,
+    Ct,
+    Key,
+    Match,
+    Meta,
+    NftChain,
+    NftMap,
+    NftRule,
+    NftSet,
+    Payload,
+    Program,
+    SetRef,
+    Span,
+    Verdict,
+    VerdictMap,
+    jump,
+    make_map,
+    make_set,
+    safe_comment,
+)
+
+DEFAULT_TABLE = "nftsg"
+FAMILIES = ("ipv4", "ipv6")
+_BITS = {"ipv4": 32, "ipv6": 128}
+_SHORT = {"ipv4": "v4", "ipv6": "v6"}
+_ADDR_TYPE = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
+_L3 = {"ipv4": "ip", "ipv6": "ip6"}
+IFNAME = ("ifname",)
+RULE_SET_TYPE = {
+    fam: ("inet_proto", _ADDR_TYPE[fam], "inet_service", "inet_service", _ADDR_TYPE[fam])
+    for fam in FAMILIES
+}
+INTERVAL = ("interval",)
+
+ALL_PROTOS = Span(0, 255)
+ALL_PORTS = Span(0, 65535)
+ALL_ADDRS = {fam: Span(0, (1 << bits) - 1) for fam, bits in _BITS.items()}
+
+# Bucket order inside a chain: priority ascending, drop before accept, ipv4 first.
+_POLICY_RANK = {"drop": 0, "accept": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class _Bucket:
+    """The compiled content of one (direction, priority, policy, family) of one group list."""
+
+    parts: tuple[tuple[Key, ...], ...]  # at least one part, possibly empty
+    rule_ids: tuple[str, ...]
+
+
+def _span(net: IPNetwork) -> Span:
+    return Span(int(net.network_address), int(net.broadcast_address))
+
+
+def split_parts(keys: Iterable[Key]) -> list[list[Key]]:
+    """Drop duplicates and elements contained in another, then split greedily into
+    parts in which no two elements overlap (the kernel's concatenated-interval
+    sets reject some overlaps with EEXIST).
+
+    Keys are (proto, peer, dport, sport, local) spans; peer is a CIDR block.
+    Elements are visited widest peer first, so every element already placed
+    whose peer overlaps the new one has an equal or enclosing peer block:
+    looking up the new peer's enclosing block at each size seen so far finds
+    all candidates without comparing all pairs. Within equal peers the order
+    (lo ascending, hi descending per field) visits containers first.
+    """
+
+    def order(k: Key) -> tuple[int, ...]:
+        p, a, d, s, loc = k
+        assert isinstance(p, Span) and isinstance(a, Span)
+        assert isinstance(d, Span) and isinstance(s, Span) and isinstance(loc, Span)
+        return (a.lo - a.hi, a.lo, p.lo, -p.hi, d.lo, -d.hi, s.lo, -s.hi, loc.lo, -loc.hi)
+
+    parts: list[list[Key]] = []
+    placed: dict[tuple[int, int], list[tuple[Key, int]]] = {}
+    sizes: list[int] = []  # peer block sizes (hi - lo) seen, descending
+    for key in sorted(set(keys), key=order):
+        peer = key[1]
+        assert isinstance(peer, Span)
+        size = peer.hi - peer.lo
+        if not sizes or sizes[-1] != size:
+            sizes.append(size)
+        busy: set[int] = set()
+        subsumed = False
+        for s in sizes:
+            for other, part in placed.get((s, peer.lo & ~s), ()):
+                rel = _relation(other, key)
+                if rel == 2:
+                    subsumed = True
+                    break
+                if rel == 1:
+                    busy.add(part)
+            if subsumed:
+                break
+        if subsumed:
+            continue
+        k = 0
+        while k in busy:
+            k += 1
+        if k == len(parts):
+            parts.append([])
+        parts[k].append(key)
+        placed.setdefault((size, peer.lo), []).append((key, k))
+    return parts
+
+
+def _relation(other: Key, key: Key) -> int:
+    """0: disjoint, 1: overlapping, 2: `other` contains `key` (peers already known to nest)."""
+    contains = True
+    for i in (0, 2, 3, 4):
+        o = other[i]
+        n = key[i]
+        assert isinstance(o, Span) and isinstance(n, Span)
+        if o.lo > n.hi or n.lo > o.hi:
+            return 0
+        if o.lo > n.lo or n.hi > o.hi:
+            contains = False
+    return 2 if contains else 1
+
+
+class _Compiler:
+    def __init__(self, network: Network, vpc_id: str, table: str) -> None:
+        self.net = network
+        self.vpc_id = vpc_id
+        self.table = table
+        self.enis: list[Eni] = sorted(
+            (e for e in network.enis.values() if e.vpc_id == vpc_id), key=lambda e: e.eni_id
+        )
+        self._net_spans: dict[IPNetwork, Span] = {}
+        self._member_spans: dict[tuple[str, str], tuple[Span, ...]] = {}
+        # group id -> direction -> (priority, policy, family) -> (keys, rule ids)
+        self._group_buckets: dict[
+            str, dict[str, dict[tuple[int, str, str], tuple[set[Key], list[str]]]]
+        ] = {}
+        self._bucket_cache: dict[tuple[object, ...], _Bucket] = {}
+        self._lookup_expr = {
+            (direction, fam): self._lookup(direction, fam)
+            for direction in ("egress", "ingress")
+            for fam in FAMILIES
+        }
+
+    # ----------------------------------------------------------------- elements
+
+    def net_span(self, net: IPNetwork) -> Span:
+        s = self._net_spans.get(net)
+        if s is None:
+            s = self._net_spans[net] = _span(net)
+        return s
+
+    def peer_spans(self, rule: Rule, fam: str) -> tuple[Span, ...]:
+        peer = rule.peer
+        if isinstance(peer, CidrPeer):
+            return (self.net_span(peer.network),)
+        if isinstance(peer, PrefixListPeer):
+            pl = self.net.prefix_lists[peer.prefix_list_id]
+            return tuple(self.net_span(n) for n in pl.entries)
+        return self.member_spans(peer.group_id, fam)
+
+    def member_spans(self, group_id: str, fam: str) -> tuple[Span, ...]:
+        """Live addresses of the group's members, as /32 or /128 blocks."""
+        cached = self._member_spans.get((group_id, fam))
+        if cached is None:
+            version = 4 if fam == "ipv4" else 6
+            out = []
+            for eni_id in self.net.members(group_id):
+                for addr in self.net.enis[eni_id].addresses:
+                    if addr.version == version:
+                        out.append(Span(int(addr), int(addr)))
+            cached = self._member_spans[(group_id, fam)] = tuple(out)
+        return cached
+
+    def rule_families(self, rule: Rule) -> list[str]:
+        """The families a rule can match in: its protocol's, its peer's and its local CIDR's."""
+        fams = set(FAMILIES)
+        if rule.protocol_family is not None:
+            fams &= {rule.protocol_family}
+        peer = rule.peer
+        if isinstance(peer, CidrPeer):
+            fams &= {peer.kind}
+        elif isinstance(peer, PrefixListPeer):
+            fams &= {self.net.prefix_lists[peer.prefix_list_id].family}
+        if rule.local is not None:
+            fams &= {"ipv4" if rule.local.version == 4 else "ipv6"}
+        return [f for f in FAMILIES if f in fams]
+
+    def rule_keys(self, rule: Rule, fam: str) -> list[Key]:
+        number = PROTOCOL_NUMBERS.get(rule.protocol)
+        proto = ALL_PROTOS if number is None else Span(number, number)
+        dport = ALL_PORTS if rule.ports is None else Span(rule.ports.start, rule.ports.end)
+        sport = (
+            ALL_PORTS
+            if rule.source_ports is None
+            else Span(rule.source_ports.start, rule.source_ports.end)
+        )
+        local = ALL_ADDRS[fam] if rule.local is None else self.net_span(rule.local)
+        return [(proto, peer, dport, sport, local) for peer in self.peer_spans(rule, fam)]
+
+    def group_buckets(
+        self, group: SecurityGroup
+    ) -> dict[str, dict[tuple[int, str, str], tuple[set[Key], list[str]]]]:
+        got = self._group_buckets.get(group.group_id)
+        if got is None:
+            got = {"egress": {}, "ingress": {}}
+            for rule in group.rules:
+                for fam in self.rule_families(rule):
+                    keys, ids = got[rule.direction].setdefault(
+                        (rule.priority, rule.policy, fam), (set(), [])
+                    )
+                    keys.update(self.rule_keys(rule, fam))
+                    ids.append(rule.rule_id)
+            self._group_buckets[group.group_id] = got
+        return got
+
+    def bucket(
+        self, direction: str, bkey: tuple[int, str, str], groups: Sequence[SecurityGroup]
+    ) -> _Bucket:
+        """The bucket pooled from `groups` (those that have rules in it), cached by signature."""
+        contributing = [
+            g for g in groups if bkey in self.group_buckets(g)[direction]
+        ]
+        sig = (direction, bkey, tuple(g.group_id for g in contributing))
+        cached = self._bucket_cache.get(sig)
+        if cached is None:
+            keys: set[Key] = set()
+            ids: set[str] = set()
+            for g in contributing:
+                gkeys, gids = self.group_buckets(g)[direction][bkey]
+                keys |= gkeys
+                ids.update(gids)
+            parts = split_parts(keys) or [[]]
+            cached = _Bucket(tuple(tuple(p) for p in parts), tuple(sorted(ids)))
+            self._bucket_cache[sig] = cached
+        return cached
+
+    # ----------------------------------------------------------------- chains
+
+    @staticmethod
+    def _lookup(direction: str, fam: str) -> Concat:
+        l3 = _L3[fam]
+        peer, local = ("daddr", "saddr") if direction == "egress" else ("saddr", "daddr")
+        return Concat(
+            (
+                Meta("l4proto"),
+                Payload(l3, peer),
+                Payload("th", "dport"),
+                Payload("th", "sport"),
+                Payload(l3, local),
+            )
+        )
+
+    def rule_chain(self, eni: Eni, direction: str, sets: list[NftSet]) -> NftChain:
+        """`out_<eni>` / `in_<eni>`: one lookup per (bucket, family, part), then the default."""
+        groups = sorted((self.net.groups[g] for g in set(eni.group_ids)), key=lambda g: g.group_id)
+        bkeys: set[tuple[int, str, str]] = set()
+        for g in groups:
+            bkeys.update(self.group_buckets(g)[direction])
+        prefix = ("out_" if direction == "egress" else "in_") + eni.eni_id
+        rules: list[NftRule] = []
+        for bkey in sorted(bkeys, key=lambda b: (b[0], _POLICY_RANK[b[1]], b[2])):
+            prio, policy, fam = bkey
+            bucket = self.bucket(direction, bkey, groups)
+            verdict = DROP if policy == "drop" else RETURN
+            base = f"{prefix}_p{prio}_{policy[0]}_{_SHORT[fam]}"
+            comment = safe_comment(" ".join(bucket.rule_ids))
+            for k, part in enumerate(bucket.parts):
+                name = f"{base}_{k}"
+                sets.append(NftSet(name, RULE_SET_TYPE[fam], part, INTERVAL))
+                rules.append(
+                    NftRule(
+                        (
+                            Match(Meta("nfproto"), fam),
+                            Match(self._lookup_expr[(direction, fam)], SetRef(name)),
+                            verdict,
+                        ),
+                        comment,
+                    )
+                )
+        advanced = any(not g.is_basic for g in groups)
+        default = DROP if direction == "ingress" or advanced else RETURN
+        kind = "advanced" if advanced else "basic"
+        rules.append(NftRule((default,), safe_comment(f"default {direction} {kind} {eni.eni_id}")))
+        return NftChain(prefix, tuple(rules))
+
+    # ----------------------------------------------------------------- program
+
+    def program(self) -> Program:
+        sets: list[NftSet] = []
+        chains: list[NftChain] = []
+        externals = sorted(self.net.externals_in_vpc(self.vpc_id), key=lambda x: x.name)
+
+        port_addrs: dict[str, set[Key]] = {"ipv4": set(), "ipv6": set()}
+        ports: set[Key] = set()
+        for p in [*self.enis, *externals]:
+            ports.add((p.ifname,))
+            for a in p.addresses:
+                fam = "ipv4" if a.version == 4 else "ipv6"
+                port_addrs[fam].add((p.ifname, Span(int(a), int(a))))
+        sets.append(make_set("ports", IFNAME, ports))
+        for fam in FAMILIES:
+            sets.append(
+                make_set(f"port_addrs_{_SHORT[fam]}", ("ifname", _ADDR_TYPE[fam]), port_addrs[fam])
+            )
+
+        # Intra-group shortcut: one port set per basic Accept group of the VPC
+        # (kept while empty, so joining it only adds an element).
+        intra_groups = sorted(
+            g.group_id
+            for g in self.net.groups.values()
+            if g.vpc_id == self.vpc_id and g.is_basic and g.inner_access_policy == "Accept"
+        )
+        for gid in intra_groups:
+            members = [self.net.enis[e] for e in self.net.members(gid)]
+            sets.append(
+                make_set(f"intra_{gid}", IFNAME, ((e.ifname,) for e in members if e.vpc_id == self.vpc_id))
+            )
+        accept_groups = set(intra_groups)
+
+        intra: dict[Key, Verdict] = {}
+        egress: dict[Key, Verdict] = {}
+        ingress: dict[Key, Verdict] = {}
+        for eni in self.enis:
+            mine = sorted(set(eni.group_ids) & accept_groups)
+            if mine:
+                chains.append(
+                    NftChain(
+                        f"intra_{eni.eni_id}",
+                        tuple(
+                            NftRule(
+                                (Match(Meta("iifname"), SetRef(f"intra_{gid}")), ACCEPT),
+                                safe_comment(f"intra {gid}"),
+                            )
+                            for gid in mine
+                        ),
+                    )
+                )
+                intra[(eni.ifname,)] = jump(f"intra_{eni.eni_id}")
+            chains.append(self.rule_chain(eni, "egress", sets))
+            chains.append(self.rule_chain(eni, "ingress", sets))
+            egress[(eni.ifname,)] = jump(f"out_{eni.eni_id}")
+            ingress[(eni.ifname,)] = jump(f"in_{eni.eni_id}")
+        maps = [
+            make_map("intra_dispatch", IFNAME, intra),
+            make_map("egress_dispatch", IFNAME, egress),
+            make_map("ingress_dispatch", IFNAME, ingress),
+        ]
+        chains.append(forward_chain())
+        return Program("inet", self.table, tuple(sets), tuple(maps), tuple(chains))
+
+
+def forward_chain() -> NftChain:
+    """The base chain, in the order of dataplane.md; every rule there is static."""
+    anti_spoof = [
+        NftRule(
+            (
+                Match(Meta("nfproto"), fam),
+                Match(
+                    Concat((Meta("iifname"), Payload(_L3[fam], "saddr"))),
+                    SetRef(f"port_addrs_{_SHORT[fam]}"),
+                    "!=",
+                ),
+                DROP,
+            ),
+            f"anti-spoofing {fam}",
+        )
+        for fam in FAMILIES
+    ]
+    return NftChain(
+        "forward",
+        (
+            *anti_spoof,
+            NftRule(
+                (
+                    VerdictMap(
+                        Ct("state"),
+                        (("invalid", DROP), ("established", ACCEPT), ("related", ACCEPT)),
+                    ),
+                ),
+                "conntrack",
+            ),
+            NftRule((VerdictMap(Meta("oifname"), SetRef("intra_dispatch")),), "intra-group"),
+            NftRule((VerdictMap(Meta("iifname"), SetRef("egress_dispatch")),), "sender egress"),
+            NftRule(
+                (VerdictMap(Meta("oifname"), SetRef("ingress_dispatch")),), "receiver ingress"
+            ),
+            NftRule((Match(Meta("oifname"), SetRef("ports")), ACCEPT), "known ports"),
+        ),
+        BaseHook("filter", "forward", 0, "drop"),
+    )
+
+
+def compile_vpc(network: Network, vpc_id: str, table: str = DEFAULT_TABLE) -> Program:
+    """The program of the VPC router of `vpc_id`."""
+    if vpc_id not in network.vpcs:
+        raise KeyError(f"unknown VPC {vpc_id!r}")
+    return _Compiler(network, vpc_id, table).program()
+
+
+def compile_all(network: Network, table: str = DEFAULT_TABLE) -> dict[str, Program]:
+    """One program per VPC, keyed (and ordered) by VPC id."""
+    return {vpc_id: compile_vpc(network, vpc_id, table) for vpc_id in sorted(network.vpcs)}

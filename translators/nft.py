@@ -1,0 +1,421 @@
+"""Typed nftables objects and the one writer of libnftables JSON.
+
+The compiler builds these frozen objects; `diff.py` compares them; only this
+module turns them into JSON commands, and only `envelope` wraps commands in
+``{"nftables": [...]}``. No rule text is ever glued from strings, and the only
+free text that reaches the kernel is a rule comment, which `safe_comment`
+restricts to id characters.
+
+JSON forms are those of nftables 1.0.6 (checked against `nft -j list` of
+hand-written rulesets). Version notes that shape this module:
+- 1.0.6's JSON parser accepts but silently drops ``comment`` on tables, chains
+  and sets; only rule comments reach the kernel, so only rules carry one.
+- The text parser rejects comments over 128 bytes; we stay within that so a
+  `nft list ruleset` dump can always be loaded back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal, NamedTuple, TypeAlias
+
+JsonObj: TypeAlias = dict[str, Any]
+Command: TypeAlias = dict[str, Any]
+
+COMMENT_MAX_BYTES = 128
+_COMMENT_SAFE = re.compile(r"[^A-Za-z0-9_.:/+=# -]")
+
+
+class Span(NamedTuple):
+    """An inclusive integer interval of one field of a set key.
+
+    Addresses are kept as ints (fast to compare, sort and intersect); a span of
+    an address type is always a CIDR block, rendered as an address or prefix.
+    """
+
+    lo: int
+    hi: int
+
+
+# One field of a set key: an interface name, or a span of a numeric type.
+Atom: TypeAlias = str | Span
+# A set element (map key): one atom per field of the set's type.
+Key: TypeAlias = tuple[Atom, ...]
+
+_ADDR_BITS = {"ipv4_addr": 32, "ipv6_addr": 128}
+
+
+def safe_comment(text: str) -> str:
+    """A comment nft accepts and that cannot carry user text: id characters, <= 128 bytes."""
+    clean = _COMMENT_SAFE.sub("_", text)
+    if len(clean) > COMMENT_MAX_BYTES:
+        clean = clean[: COMMENT_MAX_BYTES - 3] + "..."
+    return clean
+
+
+# --------------------------------------------------------------------------- expressions
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    key: str  # nfproto, l4proto, iifname, oifname
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    protocol: str  # ip, ip6, th
+    field: str  # saddr, daddr, sport, dport
+
+
+@dataclass(frozen=True, slots=True)
+class Ct:
+    key: str  # state
+
+
+@dataclass(frozen=True, slots=True)
+class Concat:
+    items: tuple[Meta | Payload | Ct, ...]
+
+
+Expr: TypeAlias = Meta | Payload | Ct | Concat
+
+
+@dataclass(frozen=True, slots=True)
+class SetRef:
+    """A named set or map, ``@name`` in nft."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: Literal["accept", "drop", "return", "jump"]
+    target: str = ""  # the chain of a jump
+
+    def __post_init__(self) -> None:
+        if (self.kind == "jump") != bool(self.target):
+            raise ValueError(f"verdict {self.kind!r} with target {self.target!r}")
+
+
+ACCEPT = Verdict("accept")
+DROP = Verdict("drop")
+RETURN = Verdict("return")
+
+
+def jump(chain: str) -> Verdict:
+    return Verdict("jump", chain)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """``left op right``; right is a literal value (``ipv4``) or a named set."""
+
+    left: Expr
+    right: str | int | SetRef
+    op: Literal["==", "!="] = "=="
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictMap:
+    """``key vmap @map`` or ``key vmap { k : verdict, ... }``."""
+
+    key: Expr
+    data: SetRef | tuple[tuple[str, Verdict], ...]
+
+
+Statement: TypeAlias = Match | VerdictMap | Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class NftRule:
+    statements: tuple[Statement, ...]
+    comment: str = ""
+
+    def __post_init__(self) -> None:
+        if self.comment != safe_comment(self.comment):
+            raise ValueError(f"unsafe rule comment {self.comment!r}")
+
+    def references(self) -> Iterator[str]:
+        """Names of the sets/maps and chains this rule depends on."""
+        for st in self.statements:
+            if isinstance(st, Match) and isinstance(st.right, SetRef):
+                yield st.right.name
+            elif isinstance(st, VerdictMap):
+                if isinstance(st.data, SetRef):
+                    yield st.data.name
+                else:
+                    yield from (v.target for _, v in st.data if v.target)
+            elif isinstance(st, Verdict) and st.target:
+                yield st.target
+
+
+# --------------------------------------------------------------------------- objects
+
+
+@dataclass(frozen=True, slots=True)
+class BaseHook:
+    type: Literal["filter"]
+    hook: Literal["forward", "input", "output", "prerouting", "postrouting"]
+    priority: int
+    policy: Literal["accept", "drop"]
+
+
+@dataclass(frozen=True, slots=True)
+class NftChain:
+    name: str
+    rules: tuple[NftRule, ...]
+    base: BaseHook | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NftSet:
+    """A named set. `elements` is sorted and free of duplicates (see `make_set`)."""
+
+    name: str
+    type: tuple[str, ...]
+    elements: tuple[Key, ...] = ()
+    flags: tuple[str, ...] = ()
+
+    def definition(self) -> tuple[object, ...]:
+        """What cannot change in place: a change here means delete and re-create."""
+        return (self.name, self.type, self.flags)
+
+
+@dataclass(frozen=True, slots=True)
+class NftMap:
+    """A named verdict map keyed by `type`; elements sorted by key (see `make_map`)."""
+
+    name: str
+    type: tuple[str, ...]
+    elements: tuple[tuple[Key, Verdict], ...] = ()
+
+    def definition(self) -> tuple[object, ...]:
+        return (self.name, self.type, "verdict")
+
+
+def make_set(
+    name: str, type_: tuple[str, ...], elements: Iterable[Key], flags: tuple[str, ...] = ()
+) -> NftSet:
+    return NftSet(name, type_, tuple(sorted(set(elements))), flags)
+
+
+def make_map(name: str, type_: tuple[str, ...], elements: Mapping[Key, Verdict]) -> NftMap:
+    return NftMap(name, type_, tuple(sorted(elements.items(), key=lambda kv: kv[0])))
+
+
+@dataclass(frozen=True)
+class Program:
+    """The complete desired state of one table.
+
+    Sets, maps and chains are sorted by name (base chains first), so two
+    programs built from the same model in any order compare and serialise
+    identically. Not slotted: `cached_property` keeps lookup indexes.
+    """
+
+    family: str
+    table: str
+    sets: tuple[NftSet, ...] = ()
+    maps: tuple[NftMap, ...] = ()
+    chains: tuple[NftChain, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sets", tuple(sorted(self.sets, key=lambda s: s.name)))
+        object.__setattr__(self, "maps", tuple(sorted(self.maps, key=lambda m: m.name)))
+        object.__setattr__(
+            self,
+            "chains",
+            tuple(sorted(self.chains, key=lambda c: (c.base is None, c.name))),
+        )
+        names = [s.name for s in self.sets] + [m.name for m in self.maps]
+        if len(set(names)) != len(names):
+            raise ValueError("sets and maps share one namespace in nftables: duplicate name")
+        if len({c.name for c in self.chains}) != len(self.chains):
+            raise ValueError("duplicate chain name")
+
+    @cached_property
+    def set_by_name(self) -> dict[str, NftSet]:
+        return {s.name: s for s in self.sets}
+
+    @cached_property
+    def map_by_name(self) -> dict[str, NftMap]:
+        return {m.name: m for m in self.maps}
+
+    @cached_property
+    def chain_by_name(self) -> dict[str, NftChain]:
+        return {c.name: c for c in self.chains}
+
+    @cached_property
+    def _writer(self) -> Writer:
+        return Writer(self.family, self.table)
+
+    def full_sync_commands(self) -> list[Command]:
+        """One atomic batch that replaces the table: add (so delete cannot fail), delete, build.
+
+        Chains come first (map elements and rules jump to them), then sets and
+        maps with their elements (rules look them up), then the rules.
+        """
+        w = self._writer
+        cmds: list[Command] = [w.add_table(), w.delete_table(), w.add_table()]
+        cmds.extend(w.add_chain(c) for c in self.chains)
+        cmds.extend(w.add_set(s) for s in self.sets)
+        cmds.extend(w.add_map(m) for m in self.maps)
+        for chain in self.chains:
+            cmds.extend(w.add_rule(chain.name, r) for r in chain.rules)
+        return cmds
+
+    def to_json(self) -> JsonObj:
+        return envelope(self.full_sync_commands())
+
+
+def envelope(commands: list[Command]) -> JsonObj:
+    """The only place that writes the libnftables JSON envelope."""
+    return {"nftables": list(commands)}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _render_expr(e: Expr) -> JsonObj:
+    if isinstance(e, Meta):
+        return {"meta": {"key": e.key}}
+    if isinstance(e, Payload):
+        return {"payload": {"protocol": e.protocol, "field": e.field}}
+    if isinstance(e, Ct):
+        return {"ct": {"key": e.key}}
+    return {"concat": [_render_expr(i) for i in e.items]}
+
+
+def render_verdict(v: Verdict) -> JsonObj:
+    if v.kind == "jump":
+        return {"jump": {"target": v.target}}
+    return {v.kind: None}
+
+
+def _render_statement(st: Statement) -> JsonObj:
+    if isinstance(st, Verdict):
+        return render_verdict(st)
+    if isinstance(st, Match):
+        right: Any = f"@{st.right.name}" if isinstance(st.right, SetRef) else st.right
+        return {"match": {"op": st.op, "left": _render_expr(st.left), "right": right}}
+    data: Any
+    if isinstance(st.data, SetRef):
+        data = f"@{st.data.name}"
+    else:
+        data = {"set": [[k, render_verdict(v)] for k, v in st.data]}
+    return {"vmap": {"key": _render_expr(st.key), "data": data}}
+
+
+class _AtomRenderer:
+    """Renders key atoms by field type, memoised: the same span object (a port
+    range, a member address) recurs across thousands of elements, and JSON
+    encoding does not mind shared dicts."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, Span], Any] = {}
+
+    def atom(self, type_: str, a: Atom) -> Any:
+        if isinstance(a, str):
+            return a
+        key = (type_, a)
+        out = self._memo.get(key)
+        if out is None:
+            out = self._memo[key] = self._span(type_, a)
+        return out
+
+    @staticmethod
+    def _span(type_: str, s: Span) -> Any:
+        bits = _ADDR_BITS.get(type_)
+        if bits is None:  # inet_proto, inet_service
+            return s.lo if s.lo == s.hi else {"range": [s.lo, s.hi]}
+        addr = ipaddress.IPv4Address(s.lo) if bits == 32 else ipaddress.IPv6Address(s.lo)
+        if s.lo == s.hi:
+            return str(addr)
+        length = bits - (s.hi - s.lo).bit_length()
+        if (s.hi - s.lo + 1) != 1 << (bits - length) or s.lo & ((1 << (bits - length)) - 1):
+            raise ValueError(f"{type_} span {s} is not a CIDR block")
+        return {"prefix": {"addr": str(addr), "len": length}}
+
+    def key(self, type_: tuple[str, ...], k: Key) -> Any:
+        if len(type_) == 1:
+            return self.atom(type_[0], k[0])
+        return {"concat": [self.atom(t, a) for t, a in zip(type_, k, strict=True)]}
+
+
+class Writer:
+    """Builds the command dicts of one table. Every JSON command is made here."""
+
+    def __init__(self, family: str, table: str) -> None:
+        self.family = family
+        self.table = table
+        self._atoms = _AtomRenderer()
+
+    def _obj(self, **extra: Any) -> JsonObj:
+        return {"family": self.family, "table": self.table, **extra}
+
+    def add_table(self) -> Command:
+        return {"add": {"table": {"family": self.family, "name": self.table}}}
+
+    def delete_table(self) -> Command:
+        return {"delete": {"table": {"family": self.family, "name": self.table}}}
+
+    def add_chain(self, chain: NftChain) -> Command:
+        body = self._obj(name=chain.name)
+        if chain.base is not None:
+            b = chain.base
+            body.update(type=b.type, hook=b.hook, prio=b.priority, policy=b.policy)
+        return {"add": {"chain": body}}
+
+    def flush_chain(self, name: str) -> Command:
+        return {"flush": {"chain": self._obj(name=name)}}
+
+    def delete_chain(self, name: str) -> Command:
+        return {"delete": {"chain": self._obj(name=name)}}
+
+    def add_rule(self, chain: str, rule: NftRule) -> Command:
+        body = self._obj(chain=chain)
+        if rule.comment:
+            body["comment"] = rule.comment
+        body["expr"] = [_render_statement(st) for st in rule.statements]
+        return {"add": {"rule": body}}
+
+    @staticmethod
+    def _type(type_: tuple[str, ...]) -> str | list[str]:
+        return type_[0] if len(type_) == 1 else list(type_)
+
+    def add_set(self, s: NftSet) -> Command:
+        body = self._obj(name=s.name, type=self._type(s.type))
+        if s.flags:
+            body["flags"] = list(s.flags)
+        if s.elements:
+            body["elem"] = self.set_elements(s.type, s.elements)
+        return {"add": {"set": body}}
+
+    def add_map(self, m: NftMap) -> Command:
+        body = self._obj(name=m.name, type=self._type(m.type), map="verdict")
+        if m.elements:
+            body["elem"] = self.map_elements(m.type, m.elements)
+        return {"add": {"map": body}}
+
+    def delete_set(self, name: str) -> Command:
+        return {"delete": {"set": self._obj(name=name)}}
+
+    def delete_map(self, name: str) -> Command:
+        return {"delete": {"map": self._obj(name=name)}}
+
+    def set_elements(self, type_: tuple[str, ...], keys: Iterable[Key]) -> list[Any]:
+        return [self._atoms.key(type_, k) for k in keys]
+
+    def map_elements(
+        self, type_: tuple[str, ...], items: Iterable[tuple[Key, Verdict]]
+    ) -> list[Any]:
+        return [[self._atoms.key(type_, k), render_verdict(v)] for k, v in items]
+
+    def add_elements(self, name: str, elem: list[Any]) -> Command:
+        return {"add": {"element": self._obj(name=name, elem=elem)}}
+
+    def delete_elements(self, name: str, elem: list[Any]) -> Command:
+        return {"delete": {"element": self._obj(name=name, elem=elem)}}
