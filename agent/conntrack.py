@@ -16,12 +16,15 @@ by a new one with the same tuple in the meantime is left alone.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from nftsg.translators.evaluator import Flow
 
 from .nft_backend import NETNS_DIR, check_namespace_name
 
@@ -125,7 +128,9 @@ class Conntracker:
             ]
         except OSError as exc:
             self._drop(namespace)
-            raise ConntrackError(f"cannot list conntrack entries: {exc}", namespace=namespace) from exc
+            raise ConntrackError(
+                f"cannot list conntrack entries: {exc}", namespace=namespace
+            ) from exc
 
     def delete_flows(self, namespace: str, entries: Iterable[FlowEntry]) -> int:
         """Delete the entries; returns how many existed. Gone ones are not errors."""
@@ -217,3 +222,24 @@ def delete_flows(namespace: str, entries: Iterable[FlowEntry]) -> int:
 def prune(namespace: str, predicate: Predicate) -> int:
     with Conntracker() as ct:
         return ct.prune(namespace, predicate)
+
+
+def as_evaluator_flow(entry: FlowEntry) -> Flow:
+    """The entry's original tuple as the reference evaluator's new-flow question."""
+    return Flow(
+        src_ip=ipaddress.ip_address(entry.src),
+        dst_ip=ipaddress.ip_address(entry.dst),
+        protocol=entry.proto,
+        dport=entry.dport,
+        sport=entry.sport,
+    )
+
+
+def prune_flows(namespace: str, allowed: Callable[[Flow], bool]) -> int:
+    """Cut the flows of `namespace` that `allowed` (the evaluator) now denies.
+
+    The reconciler's flow pruner. It runs only after a change, so the sockets
+    are opened per call: a cached one could outlive a namespace that `lab
+    down`/`lab up` replaced.
+    """
+    return prune(namespace, lambda entry: allowed(as_evaluator_flow(entry)))

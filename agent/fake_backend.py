@@ -87,17 +87,16 @@ def _address(value: Any) -> tuple[int, int, Any]:
             a, b = (ipaddress.ip_address(v) for v in value["range"])
             lo, hi, version = int(a), int(b), a.version
         elif isinstance(value, str):
-            if "/" in value:
-                net = ipaddress.ip_network(value, strict=False)
-                lo, hi = int(net.network_address), int(net.broadcast_address)
-                version = net.version
-            else:
-                a = ipaddress.ip_address(value)
-                lo, hi, version = int(a), int(a), a.version
+            # libnftables JSON takes "a/n" only as {"prefix": ...}; the string
+            # form is looked up as a host name and fails.
+            a = ipaddress.ip_address(value)
+            lo, hi, version = int(a), int(a), a.version
         else:
             raise ValueError(value)
     except (ValueError, KeyError, TypeError) as exc:
-        raise _Reject(f"Error: Could not parse address {value!r}") from exc
+        raise _Reject(
+            f"Error: Could not resolve hostname: Name or service not known ({value!r})"
+        ) from exc
     return lo, hi, _print_address(lo, hi, version)
 
 
@@ -260,7 +259,9 @@ class _Machine:
 
     def _add_chain(self, spec: dict[str, Any], exclusive: bool) -> None:
         table = self._table(spec)
-        wanted = {k: spec[k] for k in ("type", "hook", "prio", "policy", "comment") if k in spec}
+        wanted: dict[str, Any] = {
+            k: spec[k] for k in ("type", "hook", "prio", "policy", "comment") if k in spec
+        }
         old = table.chains.get(spec["name"])
         if old is None:
             table.chains[spec["name"]] = _Chain(wanted)
@@ -289,7 +290,7 @@ class _Machine:
         return False
 
     def _delete_chain(self, spec: dict[str, Any]) -> None:
-        table, chain = self._chain(spec)
+        table, _unused = self._chain(spec)
         if self._chain_users(table, spec["name"]):
             raise _Reject(f"Error: Could not process rule: {_EBUSY}")
         del table.chains[spec["name"]]
@@ -339,15 +340,17 @@ class _Machine:
 
     def _add_set(self, spec: dict[str, Any], exclusive: bool, kind: str = "set") -> None:
         table = self._table(spec)
-        wanted = {k: spec[k] for k in ("type", "map", "comment") if k in spec}
+        wanted: dict[str, Any] = {k: spec[k] for k in ("type", "map", "comment") if k in spec}
         if spec.get("flags"):
             flags = spec["flags"]
             wanted["flags"] = sorted([flags] if isinstance(flags, str) else flags)
         old = table.sets.get(spec["name"])
         if old is None:
             table.sets[spec["name"]] = _Set(kind, wanted)
-        elif exclusive or old.kind != kind or any(
-            old.spec.get(k) != wanted.get(k) for k in ("type", "map", "flags")
+        elif (
+            exclusive
+            or old.kind != kind
+            or any(old.spec.get(k) != wanted.get(k) for k in ("type", "map", "flags"))
         ):
             raise _Reject(f"Error: Could not process rule: {_EEXIST}")
         if spec.get("elem"):

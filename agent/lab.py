@@ -42,16 +42,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterable
-from socket import AF_INET, AF_INET6
 from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from nftsg.translators import naming
 from nftsg.translators.network import Network
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from . import netns
 from .labplan import (
@@ -72,6 +71,8 @@ __all__ = ["GATEWAY_V6", "Lab", "LabError", "lab_namespaces"]
 log = logging.getLogger(__name__)
 
 GATEWAY_V6 = "fe80::1"
+AF_INET: int = socket.AF_INET.value
+AF_INET6: int = socket.AF_INET6.value
 IFA_F_NODAD = 0x02
 IFA_F_NOPREFIXROUTE = 0x200
 IFF_UP = 0x1
@@ -218,6 +219,8 @@ class _Converger:
         self.plan = plan
         self.present = present
         self.handles: dict[str, IPRoute] = {}
+        # Link dumps by namespace; dropped whenever links may have changed.
+        self._link_cache: dict[str, dict[str, Any]] = {}
 
     def run(self) -> None:
         plan = self.plan
@@ -248,40 +251,50 @@ class _Converger:
 
     # -- links ------------------------------------------------------------------
     def _links(self, ns: str) -> dict[str, Any]:
-        return {link.get("ifname"): link for link in self.handles[ns].get_links()}
+        links = self._link_cache.get(ns)
+        if links is None:
+            links = {link.get("ifname"): link for link in self.handles[ns].get_links()}
+            self._link_cache[ns] = links
+        return links
+
+    def _delete(self, ns: str, link: Any) -> None:
+        _delete_link(self.handles[ns], link.get("index"))
+        # The peer end went too, in a namespace we may not know: forget all.
+        self._link_cache.clear()
 
     def _remove_stale_links(self) -> None:
         # Deleting one end removes the pair at once; removing a namespace
         # would free its links only later, and a re-created ENI reuses names.
         for ns, ports in self.plan.routers.items():
             wanted = {p.router_ifname for p in ports} | {"lo"}
-            for name, link in self._links(ns).items():
-                if name not in wanted:
-                    _delete_link(self.handles[ns], link.get("index"))
+            for link in [x for name, x in self._links(ns).items() if name not in wanted]:
+                self._delete(ns, link)
         for ns, ports in self.plan.hosts.items():
             wanted = {p.host_ifname for p in ports} | {"lo"}
-            for name, link in self._links(ns).items():
-                if name not in wanted:
-                    _delete_link(self.handles[ns], link.get("index"))
+            for link in [x for name, x in self._links(ns).items() if name not in wanted]:
+                self._delete(ns, link)
 
     def _ensure_links(self) -> None:
-        router_links = {ns: self._links(ns) for ns in self.plan.routers}
-        host_links = {ns: self._links(ns) for ns in self.plan.hosts}
         for ns, ports in self.plan.routers.items():
             for port in ports:
-                rlink = router_links[ns].get(port.router_ifname)
-                hlink = host_links[port.host_ns].get(port.host_ifname)
+                rlink = self._links(ns).get(port.router_ifname)
+                hlink = self._links(port.host_ns).get(port.host_ifname)
                 if rlink is not None and hlink is not None and _paired(rlink, hlink):
                     if hlink.get("address") != port.mac:
                         self.handles[port.host_ns].link(
                             "set", index=hlink.get("index"), address=port.mac
                         )
+                        self._link_cache.pop(port.host_ns, None)
                     continue
                 # Half a pair, or a pair with the wrong peer: replace it.
-                for handle, link in ((self.handles[ns], rlink), (self.handles[port.host_ns], hlink)):
-                    if link is not None:
-                        _delete_link(handle, link.get("index"))
+                if rlink is not None:
+                    self._delete(ns, rlink)
+                hlink = self._links(port.host_ns).get(port.host_ifname)
+                if hlink is not None:
+                    self._delete(port.host_ns, hlink)
                 self._create_pair(port)
+                self._link_cache.pop(ns, None)
+                self._link_cache.pop(port.host_ns, None)
 
     def _create_pair(self, port: Port) -> None:
         fd = netns.open_fd(port.host_ns)
@@ -294,8 +307,13 @@ class _Converger:
             )
         finally:
             os.close(fd)
-        log.debug("created %s/%s <-> %s/%s", port.router_ns, port.router_ifname,
-                  port.host_ns, port.host_ifname)
+        log.debug(
+            "created %s/%s <-> %s/%s",
+            port.router_ns,
+            port.router_ifname,
+            port.host_ns,
+            port.host_ifname,
+        )
 
     # -- router -----------------------------------------------------------------
     def _converge_router(self, ns: str, ports: tuple[Port, ...]) -> None:
@@ -309,17 +327,20 @@ class _Converger:
         _set_up(ipr, links.values())
 
         # fe80::1 on every port, nothing else.
-        want_addrs = {(AF_INET6, GATEWAY_V6, 64, index[p.router_ifname]) for p in ports}
+        want_addrs: set[tuple[int, str, int, int]] = {
+            (AF_INET6, GATEWAY_V6, 64, index[p.router_ifname]) for p in ports
+        }
         _converge_addresses(ipr, want_addrs, set(index.values()), flags=IFA_F_NODAD)
 
         want_routes: set[tuple[int, str, int]] = set()
         want_neigh: dict[tuple[int, str, int], str] = {}
         for port in ports:
             oif = index[port.router_ifname]
-            for a in (*port.ipv4, *port.ipv6):
-                fam = AF_INET if a.version == 4 else AF_INET6
-                want_routes.add((fam, str(a.ip), oif))
-                want_neigh[(fam, str(a.ip), oif)] = port.mac
+            keys = [(AF_INET, str(a.ip), oif) for a in port.ipv4]
+            keys += [(AF_INET6, str(a.ip), oif) for a in port.ipv6]
+            for key in keys:
+                want_routes.add(key)
+                want_neigh[key] = port.mac
         _converge_host_routes(ipr, want_routes)
         _converge_neighbours(ipr, want_neigh, set(index.values()))
 
@@ -375,7 +396,7 @@ def _delete_link(ipr: IPRoute, index: int) -> None:
 def _paired(rlink: Any, hlink: Any) -> bool:
     # A veth's IFLA_LINK is its peer's ifindex (in the peer's namespace).
     kind = hlink.get(("linkinfo", "kind"))
-    return (
+    return bool(
         kind == "veth"
         and rlink.get("link") == hlink.get("index")
         and hlink.get("link") == rlink.get("index")
@@ -425,7 +446,16 @@ def _converge_host_routes(ipr: IPRoute, want: set[tuple[int, str, int]]) -> None
             continue
         have.add((msg["family"], str(ipaddress.ip_address(msg.get("dst"))), msg.get("oif")))
     for fam, dst, oif in have - want:
-        ipr.route("del", family=fam, dst=dst, dst_len=32 if fam == AF_INET else 128, oif=oif)
+        # The kernel matches scope on delete (pyroute2 would send universe).
+        ipr.route(
+            "del",
+            family=fam,
+            dst=dst,
+            dst_len=32 if fam == AF_INET else 128,
+            oif=oif,
+            proto=RTPROT_STATIC,
+            scope=RT_SCOPE_LINK,
+        )
     for fam, dst, oif in sorted(want - have):
         ipr.route(
             "replace",
@@ -460,15 +490,32 @@ def _converge_default_routes(ipr: IPRoute, want: set[tuple[int, int, int]]) -> N
             continue
         have.add((msg["family"], msg.get("table"), msg.get("oif")))
     for fam, table, oif in have - want:
-        ipr.route("del", family=fam, dst_len=0, table=table, oif=oif, proto=RTPROT_STATIC)
+        scope = RT_SCOPE_LINK if fam == AF_INET else RT_SCOPE_UNIVERSE
+        ipr.route(
+            "del", family=fam, dst_len=0, table=table, oif=oif, proto=RTPROT_STATIC, scope=scope
+        )
     for fam, table, oif in sorted(want - have):
         if fam == AF_INET:
             # On-link: the router answers ARP for every address by proxy.
-            ipr.route("replace", family=fam, dst_len=0, table=table, oif=oif,
-                      proto=RTPROT_STATIC, scope=RT_SCOPE_LINK)
+            ipr.route(
+                "replace",
+                family=fam,
+                dst_len=0,
+                table=table,
+                oif=oif,
+                proto=RTPROT_STATIC,
+                scope=RT_SCOPE_LINK,
+            )
         else:
-            ipr.route("replace", family=fam, dst_len=0, table=table, oif=oif,
-                      gateway=GATEWAY_V6, proto=RTPROT_STATIC)
+            ipr.route(
+                "replace",
+                family=fam,
+                dst_len=0,
+                table=table,
+                oif=oif,
+                gateway=GATEWAY_V6,
+                proto=RTPROT_STATIC,
+            )
 
 
 def _converge_rules(ipr: IPRoute, want: set[tuple[int, str, int]]) -> None:
@@ -482,8 +529,20 @@ def _converge_rules(ipr: IPRoute, want: set[tuple[int, str, int]]) -> None:
                 continue
             have.add((fam, str(ipaddress.ip_address(src)), msg.get("table")))
     for fam, src, table in have - want:
-        ipr.rule("del", family=fam, src=src, src_len=32 if fam == AF_INET else 128,
-                 table=table, priority=RULE_PRIORITY)
+        ipr.rule(
+            "del",
+            family=fam,
+            src=src,
+            src_len=32 if fam == AF_INET else 128,
+            table=table,
+            priority=RULE_PRIORITY,
+        )
     for fam, src, table in sorted(want - have):
-        ipr.rule("add", family=fam, src=src, src_len=32 if fam == AF_INET else 128,
-                 table=table, priority=RULE_PRIORITY)
+        ipr.rule(
+            "add",
+            family=fam,
+            src=src,
+            src_len=32 if fam == AF_INET else 128,
+            table=table,
+            priority=RULE_PRIORITY,
+        )

@@ -98,10 +98,16 @@ def start_agent(settings: Settings) -> int:
     with open(settings.log_path, "ab") as logfile:
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "nftsg.agent.cli", "agent",
-                "--state-dir", str(settings.state_dir),
-                "--prefix", settings.prefix,
-                "--table", settings.table,
+                sys.executable,
+                "-m",
+                "nftsg.agent.cli",
+                "agent",
+                "--state-dir",
+                str(settings.state_dir),
+                "--prefix",
+                settings.prefix,
+                "--table",
+                settings.table,
             ],
             stdin=subprocess.DEVNULL,
             stdout=logfile,
@@ -138,8 +144,7 @@ def wait_in_force(
     deadline = time.monotonic() + timeout
     while True:
         pending = [
-            ns for ns in namespaces
-            if (rec := store.applied(ns)) is None or rec.revision < revision
+            ns for ns in namespaces if (rec := store.applied(ns)) is None or rec.revision < revision
         ]
         if not pending:
             return
@@ -218,7 +223,11 @@ def lab_down(args: argparse.Namespace) -> int:
         lab = Lab(prefix)
         removed += len(lab.existing())
         lab.destroy()
-    for path in (settings.db_path, Path(f"{settings.db_path}-wal"), Path(f"{settings.db_path}-shm")):
+    for path in (
+        settings.db_path,
+        Path(f"{settings.db_path}-wal"),
+        Path(f"{settings.db_path}-shm"),
+    ):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -323,4 +332,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent = sub.add_parser("agent", parents=[common], help="run the agent in the foreground")
     agent.add_argument("--table", help="nftables table name (default nftsg)")
     agent.set_defaults(handler=agent_command)
-

@@ -57,9 +57,7 @@ class Plan:
 def check_prefix(prefix: str) -> None:
     # No '-' in the prefix: `{prefix}-r-...` must not be mistaken for another lab's names.
     if not PREFIX_PATTERN.match(prefix):
-        raise LabError(
-            f"lab prefix {prefix!r} must be 1-32 letters, digits, '_' or '.' (no '-')"
-        )
+        raise LabError(f"lab prefix {prefix!r} must be 1-32 letters, digits, '_' or '.' (no '-')")
 
 
 def router_ns_name(prefix: str, vpc_id: str) -> str:
@@ -79,9 +77,7 @@ def lab_name_pattern(prefix: str) -> re.Pattern[str]:
 
 
 def _eni_port(network: Network, eni: Eni, prefix: str, multi: bool) -> Port:
-    vsw = next(
-        s for s in network.vpcs[eni.vpc_id].vswitches if s.vswitch_id == eni.vswitch_id
-    )
+    vsw = next(s for s in network.vpcs[eni.vpc_id].vswitches if s.vswitch_id == eni.vswitch_id)
     v6len = vsw.ipv6_cidr.prefixlen if vsw.ipv6_cidr is not None else 64
     return Port(
         key=eni.eni_id,
@@ -133,7 +129,9 @@ def build_plan(network: Network, prefix: str) -> Plan:
         hosts[port.host_ns] = [port]
         routers[port.router_ns].append(port)
     return Plan(
-        routers={ns: tuple(sorted(ps, key=lambda p: p.router_ifname)) for ns, ps in routers.items()},
+        routers={
+            ns: tuple(sorted(ps, key=lambda p: p.router_ifname)) for ns, ps in routers.items()
+        },
         hosts={ns: tuple(ps) for ns, ps in hosts.items()},
         vpc_routers={v: router_ns_name(prefix, v) for v in network.vpcs},
         host_names=names,

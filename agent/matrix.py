@@ -110,9 +110,13 @@ def plan(
                     continue
                 probes.append(Probe("ping", src, dst, s_ip, d_ip))
                 for port in tcp_ports:
-                    probes.append(Probe("tcp", src, dst, s_ip, d_ip, port, rng.randint(20000, 60000)))
+                    probes.append(
+                        Probe("tcp", src, dst, s_ip, d_ip, port, rng.randint(20000, 60000))
+                    )
                 for port in udp_ports:
-                    probes.append(Probe("udp", src, dst, s_ip, d_ip, port, rng.randint(20000, 60000)))
+                    probes.append(
+                        Probe("udp", src, dst, s_ip, d_ip, port, rng.randint(20000, 60000))
+                    )
     return probes
 
 
@@ -121,13 +125,23 @@ def run_probe(probe: Probe, timeout: float) -> tuple[bool, str]:
         res = ping_probe(probe.src.namespace, probe.dst_ip, src=probe.src_ip, timeout=timeout)
     elif probe.kind == "tcp":
         res = tcp_probe(
-            probe.src.namespace, probe.dst.namespace, probe.dst_ip, probe.port,
-            src=probe.src_ip, sport=probe.sport, timeout=timeout,
+            probe.src.namespace,
+            probe.dst.namespace,
+            probe.dst_ip,
+            probe.port,
+            src=probe.src_ip,
+            sport=probe.sport,
+            timeout=timeout,
         )
     else:
         res = udp_probe(
-            probe.src.namespace, probe.dst.namespace, probe.dst_ip, probe.port,
-            src=probe.src_ip, sport=probe.sport, timeout=timeout,
+            probe.src.namespace,
+            probe.dst.namespace,
+            probe.dst_ip,
+            probe.port,
+            src=probe.src_ip,
+            sport=probe.sport,
+            timeout=timeout,
         )
     return res.ok, res.detail
 
@@ -139,8 +153,11 @@ def run(
     run one after another in the same worker."""
     lanes: dict[tuple[str, str, int], list[Probe]] = defaultdict(list)
     for probe in probes:
-        key = (probe.kind, str(probe.dst_ip), probe.port) if probe.kind != "ping" else (
-            "ping", f"{probe.src.name}>{probe.dst_ip}", 0)
+        key = (
+            (probe.kind, str(probe.dst_ip), probe.port)
+            if probe.kind != "ping"
+            else ("ping", f"{probe.src.name}>{probe.dst_ip}", 0)
+        )
         lanes[key].append(probe)
 
     def run_lane(lane: list[Probe]) -> list[Outcome]:

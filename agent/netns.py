@@ -172,7 +172,9 @@ def create(name: str) -> None:
         finally:
             if _libc.setns(original, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
-                raise SystemExit(f"nftsg: cannot return after creating {name!r}: {os.strerror(err)}")
+                raise SystemExit(
+                    f"nftsg: cannot return after creating {name!r}: {os.strerror(err)}"
+                )
     finally:
         os.close(original)
 

@@ -136,9 +136,9 @@ class _NamespaceWorker:
     def __init__(self, namespace: str, enter: bool) -> None:
         self.namespace = namespace
         self._enter = enter
-        self._requests: queue.SimpleQueue[
-            tuple[Callable[[Any], Any], Future[Any]] | None
-        ] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[tuple[Callable[[Any], Any], Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
         self._ready: Future[None] = Future()
         self._ns_ino: tuple[int, int] | None = None
         self._thread = threading.Thread(

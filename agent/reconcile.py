@@ -85,7 +85,9 @@ class Reconciler:
         for vpc_id, program in sorted(programs.items()):
             namespace = self.namespace_of(vpc_id)
             if not self.namespace_exists(namespace):
-                log.warning("router namespace %s of %s is missing; not enforcing", namespace, vpc_id)
+                log.warning(
+                    "router namespace %s of %s is missing; not enforcing", namespace, vpc_id
+                )
                 self.applied.pop(namespace, None)
                 continue
             old = self.applied.get(namespace)

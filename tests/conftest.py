@@ -1,4 +1,4 @@
-"""Pure fixtures shared by the unit tests: example topologies, no root, no I/O beyond reading them."""
+"""Pure fixtures shared by the unit tests: example topologies; no root, no side effects."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from nftsg.translators.network import Network
 from nftsg.translators.validate import load_network
 

@@ -19,7 +19,7 @@ from .network import (
     PROTOCOL_NUMBERS,
     CidrPeer,
     Eni,
-    GroupPeer,
+    ExternalHost,
     IPNetwork,
     Network,
     PrefixListPeer,
@@ -37,7 +37,6 @@ from .nft import (
     Match,
     Meta,
     NftChain,
-    NftMap,
     NftRule,
     NftSet,
     Payload,
@@ -46,6 +45,7 @@ from .nft import (
     Span,
     Verdict,
     VerdictMap,
+    cyclic_gc_paused,
     jump,
     make_map,
     make_set,
@@ -69,23 +69,30 @@ ALL_PROTOS = Span(0, 255)
 ALL_PORTS = Span(0, 65535)
 ALL_ADDRS = {fam: Span(0, (1 << bits) - 1) for fam, bits in _BITS.items()}
 
+_NFPROTO = {fam: Match(Meta("nfproto"), fam) for fam in FAMILIES}
+
 # Bucket order inside a chain: priority ascending, drop before accept, ipv4 first.
 _POLICY_RANK = {"drop": 0, "accept": 1}
+
+
+# A rule-set element: (proto, peer, dport, sport, local).
+RuleKey = tuple[Span, Span, Span, Span, Span]
 
 
 @dataclass(frozen=True, slots=True)
 class _Bucket:
     """The compiled content of one (direction, priority, policy, family) of one group list."""
 
-    parts: tuple[tuple[Key, ...], ...]  # at least one part, possibly empty
+    parts: tuple[tuple[RuleKey, ...], ...]  # at least one part, possibly empty
     rule_ids: tuple[str, ...]
 
 
 def _span(net: IPNetwork) -> Span:
-    return Span(int(net.network_address), int(net.broadcast_address))
+    lo = int(net.network_address)
+    return Span(lo, lo | ((1 << (net.max_prefixlen - net.prefixlen)) - 1))
 
 
-def split_parts(keys: Iterable[Key]) -> list[list[Key]]:
+def split_parts(keys: Iterable[RuleKey]) -> list[list[RuleKey]]:
     """Drop duplicates and elements contained in another, then split greedily into
     parts in which no two elements overlap (the kernel's concatenated-interval
     sets reject some overlaps with EEXIST).
@@ -97,26 +104,18 @@ def split_parts(keys: Iterable[Key]) -> list[list[Key]]:
     all candidates without comparing all pairs. Within equal peers the order
     (lo ascending, hi descending per field) visits containers first.
     """
-
-    def order(k: Key) -> tuple[int, ...]:
-        p, a, d, s, loc = k
-        assert isinstance(p, Span) and isinstance(a, Span)
-        assert isinstance(d, Span) and isinstance(s, Span) and isinstance(loc, Span)
-        return (a.lo - a.hi, a.lo, p.lo, -p.hi, d.lo, -d.hi, s.lo, -s.hi, loc.lo, -loc.hi)
-
-    parts: list[list[Key]] = []
-    placed: dict[tuple[int, int], list[tuple[Key, int]]] = {}
+    parts: list[list[RuleKey]] = []
+    placed: dict[tuple[int, int], list[tuple[RuleKey, int]]] = {}
     sizes: list[int] = []  # peer block sizes (hi - lo) seen, descending
-    for key in sorted(set(keys), key=order):
-        peer = key[1]
-        assert isinstance(peer, Span)
-        size = peer.hi - peer.lo
+    for key in sorted(set(keys), key=_visit_order):
+        plo, phi = key[1]
+        size = phi - plo
         if not sizes or sizes[-1] != size:
             sizes.append(size)
         busy: set[int] = set()
         subsumed = False
         for s in sizes:
-            for other, part in placed.get((s, peer.lo & ~s), ()):
+            for other, part in placed.get((s, plo & ~s), ()):
                 rel = _relation(other, key)
                 if rel == 2:
                     subsumed = True
@@ -133,20 +132,24 @@ def split_parts(keys: Iterable[Key]) -> list[list[Key]]:
         if k == len(parts):
             parts.append([])
         parts[k].append(key)
-        placed.setdefault((size, peer.lo), []).append((key, k))
+        placed.setdefault((size, plo), []).append((key, k))
     return parts
 
 
-def _relation(other: Key, key: Key) -> int:
+def _visit_order(k: RuleKey) -> tuple[int, ...]:
+    (p0, p1), (a0, a1), (d0, d1), (s0, s1), (l0, l1) = k
+    return (a0 - a1, a0, p0, -p1, d0, -d1, s0, -s1, l0, -l1)
+
+
+def _relation(other: RuleKey, key: RuleKey) -> int:
     """0: disjoint, 1: overlapping, 2: `other` contains `key` (peers already known to nest)."""
     contains = True
     for i in (0, 2, 3, 4):
-        o = other[i]
-        n = key[i]
-        assert isinstance(o, Span) and isinstance(n, Span)
-        if o.lo > n.hi or n.lo > o.hi:
+        olo, ohi = other[i]
+        nlo, nhi = key[i]
+        if olo > nhi or nlo > ohi:
             return 0
-        if o.lo > n.lo or n.hi > o.hi:
+        if olo > nlo or nhi > ohi:
             contains = False
     return 2 if contains else 1
 
@@ -159,11 +162,11 @@ class _Compiler:
         self.enis: list[Eni] = sorted(
             (e for e in network.enis.values() if e.vpc_id == vpc_id), key=lambda e: e.eni_id
         )
-        self._net_spans: dict[IPNetwork, Span] = {}
+        self._net_spans: dict[int, tuple[IPNetwork, Span]] = {}
         self._member_spans: dict[tuple[str, str], tuple[Span, ...]] = {}
         # group id -> direction -> (priority, policy, family) -> (keys, rule ids)
         self._group_buckets: dict[
-            str, dict[str, dict[tuple[int, str, str], tuple[set[Key], list[str]]]]
+            str, dict[str, dict[tuple[int, str, str], tuple[set[RuleKey], list[str]]]]
         ] = {}
         self._bucket_cache: dict[tuple[object, ...], _Bucket] = {}
         self._lookup_expr = {
@@ -175,10 +178,12 @@ class _Compiler:
     # ----------------------------------------------------------------- elements
 
     def net_span(self, net: IPNetwork) -> Span:
-        s = self._net_spans.get(net)
-        if s is None:
-            s = self._net_spans[net] = _span(net)
-        return s
+        # Keyed by identity: hashing ipaddress networks is slow and collides
+        # often; the model's objects live as long as this compiler.
+        got = self._net_spans.get(id(net))
+        if got is None:
+            got = self._net_spans[id(net)] = (net, _span(net))
+        return got[1]
 
     def peer_spans(self, rule: Rule, fam: str) -> tuple[Span, ...]:
         peer = rule.peer
@@ -216,7 +221,7 @@ class _Compiler:
             fams &= {"ipv4" if rule.local.version == 4 else "ipv6"}
         return [f for f in FAMILIES if f in fams]
 
-    def rule_keys(self, rule: Rule, fam: str) -> list[Key]:
+    def rule_keys(self, rule: Rule, fam: str) -> list[RuleKey]:
         number = PROTOCOL_NUMBERS.get(rule.protocol)
         proto = ALL_PROTOS if number is None else Span(number, number)
         dport = ALL_PORTS if rule.ports is None else Span(rule.ports.start, rule.ports.end)
@@ -230,7 +235,7 @@ class _Compiler:
 
     def group_buckets(
         self, group: SecurityGroup
-    ) -> dict[str, dict[tuple[int, str, str], tuple[set[Key], list[str]]]]:
+    ) -> dict[str, dict[tuple[int, str, str], tuple[set[RuleKey], list[str]]]]:
         got = self._group_buckets.get(group.group_id)
         if got is None:
             got = {"egress": {}, "ingress": {}}
@@ -248,13 +253,11 @@ class _Compiler:
         self, direction: str, bkey: tuple[int, str, str], groups: Sequence[SecurityGroup]
     ) -> _Bucket:
         """The bucket pooled from `groups` (those that have rules in it), cached by signature."""
-        contributing = [
-            g for g in groups if bkey in self.group_buckets(g)[direction]
-        ]
+        contributing = [g for g in groups if bkey in self.group_buckets(g)[direction]]
         sig = (direction, bkey, tuple(g.group_id for g in contributing))
         cached = self._bucket_cache.get(sig)
         if cached is None:
-            keys: set[Key] = set()
+            keys: set[RuleKey] = set()
             ids: set[str] = set()
             for g in contributing:
                 gkeys, gids = self.group_buckets(g)[direction][bkey]
@@ -301,7 +304,7 @@ class _Compiler:
                 rules.append(
                     NftRule(
                         (
-                            Match(Meta("nfproto"), fam),
+                            _NFPROTO[fam],
                             Match(self._lookup_expr[(direction, fam)], SetRef(name)),
                             verdict,
                         ),
@@ -323,7 +326,8 @@ class _Compiler:
 
         port_addrs: dict[str, set[Key]] = {"ipv4": set(), "ipv6": set()}
         ports: set[Key] = set()
-        for p in [*self.enis, *externals]:
+        port_list: list[Eni | ExternalHost] = [*self.enis, *externals]
+        for p in port_list:
             ports.add((p.ifname,))
             for a in p.addresses:
                 fam = "ipv4" if a.version == 4 else "ipv6"
@@ -344,7 +348,11 @@ class _Compiler:
         for gid in intra_groups:
             members = [self.net.enis[e] for e in self.net.members(gid)]
             sets.append(
-                make_set(f"intra_{gid}", IFNAME, ((e.ifname,) for e in members if e.vpc_id == self.vpc_id))
+                make_set(
+                    f"intra_{gid}",
+                    IFNAME,
+                    ((e.ifname,) for e in members if e.vpc_id == self.vpc_id),
+                )
             )
         accept_groups = set(intra_groups)
 
@@ -385,7 +393,7 @@ def forward_chain() -> NftChain:
     anti_spoof = [
         NftRule(
             (
-                Match(Meta("nfproto"), fam),
+                _NFPROTO[fam],
                 Match(
                     Concat((Meta("iifname"), Payload(_L3[fam], "saddr"))),
                     SetRef(f"port_addrs_{_SHORT[fam]}"),
@@ -412,9 +420,7 @@ def forward_chain() -> NftChain:
             ),
             NftRule((VerdictMap(Meta("oifname"), SetRef("intra_dispatch")),), "intra-group"),
             NftRule((VerdictMap(Meta("iifname"), SetRef("egress_dispatch")),), "sender egress"),
-            NftRule(
-                (VerdictMap(Meta("oifname"), SetRef("ingress_dispatch")),), "receiver ingress"
-            ),
+            NftRule((VerdictMap(Meta("oifname"), SetRef("ingress_dispatch")),), "receiver ingress"),
             NftRule((Match(Meta("oifname"), SetRef("ports")), ACCEPT), "known ports"),
         ),
         BaseHook("filter", "forward", 0, "drop"),
@@ -425,9 +431,5 @@ def compile_vpc(network: Network, vpc_id: str, table: str = DEFAULT_TABLE) -> Pr
     """The program of the VPC router of `vpc_id`."""
     if vpc_id not in network.vpcs:
         raise KeyError(f"unknown VPC {vpc_id!r}")
-    return _Compiler(network, vpc_id, table).program()
-
-
-def compile_all(network: Network, table: str = DEFAULT_TABLE) -> dict[str, Program]:
-    """One program per VPC, keyed (and ordered) by VPC id."""
-    return {vpc_id: compile_vpc(network, vpc_id, table) for vpc_id in sorted(network.vpcs)}
+    with cyclic_gc_paused():
+        return _Compiler(network, vpc_id, table).program()

@@ -157,6 +157,12 @@ class Permission(_Strict):
     security_group_rule_id: str | None = _f(None, "security_group_rule_id")
     nic_type: str | None = _f(None, "nic_type")
 
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _bool_is_not_a_priority(cls, value: Any) -> Any:
+        # YAML reads `yes` as True and pydantic would take it for 1.
+        return str(value).lower() if isinstance(value, bool) else value
+
 
 class SecurityGroup(_Strict):
     security_group_id: str = _f(..., "security_group_id")

@@ -16,9 +16,11 @@ hand-written rulesets). Version notes that shape this module:
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal, NamedTuple, TypeAlias
@@ -248,27 +250,45 @@ class Program:
     def chain_by_name(self) -> dict[str, NftChain]:
         return {c.name: c for c in self.chains}
 
-    @cached_property
-    def _writer(self) -> Writer:
-        return Writer(self.family, self.table)
-
     def full_sync_commands(self) -> list[Command]:
         """One atomic batch that replaces the table: add (so delete cannot fail), delete, build.
 
         Chains come first (map elements and rules jump to them), then sets and
         maps with their elements (rules look them up), then the rules.
         """
-        w = self._writer
-        cmds: list[Command] = [w.add_table(), w.delete_table(), w.add_table()]
-        cmds.extend(w.add_chain(c) for c in self.chains)
-        cmds.extend(w.add_set(s) for s in self.sets)
-        cmds.extend(w.add_map(m) for m in self.maps)
-        for chain in self.chains:
-            cmds.extend(w.add_rule(chain.name, r) for r in chain.rules)
+        w = Writer(self.family, self.table)
+        with cyclic_gc_paused():
+            cmds: list[Command] = [w.add_table(), w.delete_table(), w.add_table()]
+            cmds.extend(w.add_chain(c) for c in self.chains)
+            cmds.extend(w.add_set(s) for s in self.sets)
+            cmds.extend(w.add_map(m) for m in self.maps)
+            for chain in self.chains:
+                cmds.extend(w.add_rule(chain.name, r) for r in chain.rules)
         return cmds
 
     def to_json(self) -> JsonObj:
         return envelope(self.full_sync_commands())
+
+    def element_count(self) -> int:
+        return sum(len(s.elements) for s in self.sets) + sum(len(m.elements) for m in self.maps)
+
+
+@contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic collector while building ~10^5 small acyclic objects.
+
+    Otherwise every allocation burst triggers a collection that re-walks the
+    whole model graph: at 200 ENIs x 200 rules it doubles the time to compile
+    and to render. Reference counting still frees everything; the previous
+    state is restored, so a caller that disabled the collector keeps it so.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def envelope(commands: list[Command]) -> JsonObj:
@@ -295,35 +315,25 @@ def render_verdict(v: Verdict) -> JsonObj:
     return {v.kind: None}
 
 
-def _render_statement(st: Statement) -> JsonObj:
-    if isinstance(st, Verdict):
-        return render_verdict(st)
-    if isinstance(st, Match):
-        right: Any = f"@{st.right.name}" if isinstance(st.right, SetRef) else st.right
-        return {"match": {"op": st.op, "left": _render_expr(st.left), "right": right}}
-    data: Any
-    if isinstance(st.data, SetRef):
-        data = f"@{st.data.name}"
-    else:
-        data = {"set": [[k, render_verdict(v)] for k, v in st.data]}
-    return {"vmap": {"key": _render_expr(st.key), "data": data}}
+class _KeyRenderer:
+    """Renders set keys by field type, memoised.
 
-
-class _AtomRenderer:
-    """Renders key atoms by field type, memoised: the same span object (a port
-    range, a member address) recurs across thousands of elements, and JSON
-    encoding does not mind shared dicts."""
+    The same span (a port range, a member address) and the same whole key recur
+    across thousands of elements (every ENI of a group holds its rules'
+    elements); JSON encoding does not mind shared, never-mutated dicts.
+    """
 
     def __init__(self) -> None:
-        self._memo: dict[tuple[str, Span], Any] = {}
+        self._atoms: dict[tuple[str, Span], Any] = {}
+        self._keys: dict[tuple[tuple[str, ...], Key], Any] = {}
 
     def atom(self, type_: str, a: Atom) -> Any:
         if isinstance(a, str):
             return a
         key = (type_, a)
-        out = self._memo.get(key)
+        out = self._atoms.get(key)
         if out is None:
-            out = self._memo[key] = self._span(type_, a)
+            out = self._atoms[key] = self._span(type_, a)
         return out
 
     @staticmethod
@@ -334,15 +344,21 @@ class _AtomRenderer:
         addr = ipaddress.IPv4Address(s.lo) if bits == 32 else ipaddress.IPv6Address(s.lo)
         if s.lo == s.hi:
             return str(addr)
-        length = bits - (s.hi - s.lo).bit_length()
-        if (s.hi - s.lo + 1) != 1 << (bits - length) or s.lo & ((1 << (bits - length)) - 1):
+        host_bits = (s.hi - s.lo).bit_length()
+        if s.hi - s.lo + 1 != 1 << host_bits or s.lo & ((1 << host_bits) - 1):
             raise ValueError(f"{type_} span {s} is not a CIDR block")
-        return {"prefix": {"addr": str(addr), "len": length}}
+        return {"prefix": {"addr": str(addr), "len": bits - host_bits}}
 
     def key(self, type_: tuple[str, ...], k: Key) -> Any:
         if len(type_) == 1:
             return self.atom(type_[0], k[0])
-        return {"concat": [self.atom(t, a) for t, a in zip(type_, k, strict=True)]}
+        memo = (type_, k)
+        out = self._keys.get(memo)
+        if out is None:
+            atom = self.atom
+            out = {"concat": [atom(t, a) for t, a in zip(type_, k, strict=True)]}
+            self._keys[memo] = out
+        return out
 
 
 class Writer:
@@ -351,7 +367,10 @@ class Writer:
     def __init__(self, family: str, table: str) -> None:
         self.family = family
         self.table = table
-        self._atoms = _AtomRenderer()
+        self._keys = _KeyRenderer()
+        # Rendered statements by identity: the compiler shares expression objects.
+        self._statements: dict[int, tuple[Statement, JsonObj]] = {}
+        self._exprs: dict[int, tuple[Expr, JsonObj]] = {}
 
     def _obj(self, **extra: Any) -> JsonObj:
         return {"family": self.family, "table": self.table, **extra}
@@ -379,8 +398,34 @@ class Writer:
         body = self._obj(chain=chain)
         if rule.comment:
             body["comment"] = rule.comment
-        body["expr"] = [_render_statement(st) for st in rule.statements]
+        body["expr"] = [self._statement(st) for st in rule.statements]
         return {"add": {"rule": body}}
+
+    def _statement(self, st: Statement) -> JsonObj:
+        got = self._statements.get(id(st))
+        if got is not None:
+            return got[1]
+        out: JsonObj
+        if isinstance(st, Verdict):
+            out = render_verdict(st)
+        elif isinstance(st, Match):
+            right: Any = f"@{st.right.name}" if isinstance(st.right, SetRef) else st.right
+            out = {"match": {"op": st.op, "left": self._expr(st.left), "right": right}}
+        else:
+            data: Any
+            if isinstance(st.data, SetRef):
+                data = f"@{st.data.name}"
+            else:
+                data = {"set": [[k, render_verdict(v)] for k, v in st.data]}
+            out = {"vmap": {"key": self._expr(st.key), "data": data}}
+        self._statements[id(st)] = (st, out)
+        return out
+
+    def _expr(self, e: Expr) -> JsonObj:
+        got = self._exprs.get(id(e))
+        if got is None:
+            got = self._exprs[id(e)] = (e, _render_expr(e))
+        return got[1]
 
     @staticmethod
     def _type(type_: tuple[str, ...]) -> str | list[str]:
@@ -407,12 +452,13 @@ class Writer:
         return {"delete": {"map": self._obj(name=name)}}
 
     def set_elements(self, type_: tuple[str, ...], keys: Iterable[Key]) -> list[Any]:
-        return [self._atoms.key(type_, k) for k in keys]
+        key = self._keys.key
+        return [key(type_, k) for k in keys]
 
     def map_elements(
         self, type_: tuple[str, ...], items: Iterable[tuple[Key, Verdict]]
     ) -> list[Any]:
-        return [[self._atoms.key(type_, k), render_verdict(v)] for k, v in items]
+        return [[self._keys.key(type_, k), render_verdict(v)] for k, v in items]
 
     def add_elements(self, name: str, elem: list[Any]) -> Command:
         return {"add": {"element": self._obj(name=name, elem=elem)}}

@@ -1,4 +1,14 @@
-"""Configurable limits (semantics.md "Limits"), with ECS's defaults."""
+"""Configurable limits (semantics.md "Limits"), with ECS's defaults.
+
+Where validation enforces each one, and with which ECS code:
+- groups_per_eni: InstanceSecurityGroupLimitExceeded
+- rules_per_group (both directions), rules_per_eni (across its groups):
+  AuthorizationLimitExceed; a prefix-list rule counts as the list's max_entries
+- group_reference_rules_per_group: AuthorizedGroupRule.LimitExceed
+- private_addresses_per_basic_group, enis_per_advanced_group:
+  SecurityGroupInstanceLimitExceeded
+- permissions_per_request: for the API (one request), not for a topology file
+"""
 
 from __future__ import annotations
 

@@ -416,20 +416,23 @@ def _show_key(key: tuple[_Selector, ...]) -> str:
     return " . ".join(s.name for s in key)
 
 
-def _show_value(raw: object) -> str:
+def _show_value(raw: object, types: Sequence[str]) -> str:
+    """`raw` as nft prints it, for trace steps (interface names quoted)."""
     raw = _unwrap_elem(raw)
-    if isinstance(raw, dict) and "prefix" in raw and isinstance(raw["prefix"], dict):
+    if isinstance(raw, dict) and isinstance(raw.get("prefix"), dict):
         return f"{raw['prefix'].get('addr')}/{raw['prefix'].get('len')}"
-    if isinstance(raw, dict) and "range" in raw and isinstance(raw["range"], list):
+    if isinstance(raw, dict) and isinstance(raw.get("range"), list):
         return "-".join(str(x) for x in raw["range"])
-    if isinstance(raw, dict) and "concat" in raw and isinstance(raw["concat"], list):
-        return " . ".join(_show_value(x) for x in raw["concat"])
-    if isinstance(raw, list) and len(raw) == 2:  # a map element [key, verdict]
-        verdict = _verdict(raw[1])
-        if verdict is not None:
-            return f"{_show_value(raw[0])} : {verdict}"
+    if isinstance(raw, dict) and isinstance(raw.get("concat"), list):
+        return " . ".join(_show_value(x, [t]) for x, t in zip(raw["concat"], types, strict=False))
+    if isinstance(raw, dict) and isinstance(raw.get("set"), list):
+        return "{ " + ", ".join(_show_value(x, types) for x in raw["set"]) + " }"
+    if isinstance(raw, list) and len(raw) == 2 and _verdict(raw[1]) is not None:
+        return f"{_show_value(raw[0], types)} : {_verdict(raw[1])}"  # a map element
     if isinstance(raw, list):
-        return ", ".join(_show_value(x) for x in raw)
+        return ",".join(_show_value(x, types) for x in raw)
+    if isinstance(raw, str) and list(types) == ["ifname"] and not raw.startswith("@"):
+        return f'"{raw}"'
     return str(raw)
 
 
@@ -637,7 +640,8 @@ class Ruleset:
                 lookup = _Lookup(key, "", tuple(elements), tuple(verdicts))
             else:
                 raise UnsupportedExpression(f"vmap data {data!r}")
-            return _VMap(lookup, f"{_show_key(key)} vmap {_show_value(data)}")
+            text = f"{_show_key(key)} vmap {_show_value(data, [s.typ for s in key])}"
+            return _VMap(lookup, text)
         raise UnsupportedExpression(f"statement {raw!r}")
 
     def _match(self, body: Mapping[str, Any]) -> _Match:
@@ -664,7 +668,7 @@ class Ruleset:
             elements = tuple(_element(types, item, ranges_ok=True) for item in items)
             lookup = _Lookup(key, "", elements)
         negate = op == "!="
-        text = f"{_show_key(key)} {'!= ' if negate else ''}{_show_value(right)}"
+        text = f"{_show_key(key)} {'!= ' if negate else ''}{_show_value(right, types)}"
         return _Match(lookup, negate, text)
 
     def _named(self, key: tuple[_Selector, ...], ref: str, *, want_map: bool) -> _Lookup:
