@@ -186,6 +186,24 @@ class Lab:
         return lab_namespaces(self.prefix)
 
     # -- build / converge -------------------------------------------------------
+    def ensure_routers(self, network: Network) -> list[str]:
+        """Create only the VPC router namespaces that are missing; returns them all.
+
+        `lab up` calls this first and has the rules put in force in the routers
+        before `apply()` plugs in any port, so no port is ever unfiltered.
+        """
+        plan = build_plan(network, self.prefix)
+        present = set(self.existing())
+        try:
+            for ns in plan.routers:
+                if ns not in present:
+                    netns.create(ns)
+                netns.write_sysctls(ns, _ROUTER_SYSCTLS)
+        except (netns.NetnsError, OSError) as exc:
+            raise LabError(f"lab {self.prefix!r}: cannot create routers: {exc}") from exc
+        self._plan = plan
+        return list(plan.routers)
+
     def apply(self, network: Network) -> None:
         """Build or converge the lab to `network`; idempotent."""
         plan = build_plan(network, self.prefix)
@@ -203,12 +221,19 @@ class Lab:
         )
 
     def destroy(self) -> None:
-        """Remove every namespace of this lab (and so every link); idempotent."""
-        for ns in self.existing():
-            try:
+        """Remove every namespace of this lab (and so every link); idempotent.
+
+        The kernel frees a namespace and its links once nothing holds it any
+        more (a process or thread still inside keeps it, and its links, alive
+        until it leaves). Links are not deleted one by one first: each veth
+        deletion waits for an RCU grace period (~30 ms here), which made
+        tearing down 50 instances take 1.6 s instead of a few ms.
+        """
+        try:
+            for ns in self.existing():
                 netns.delete(ns)
-            except netns.NetnsError as exc:
-                raise LabError(f"lab {self.prefix!r}: {exc}") from exc
+        except netns.NetnsError as exc:
+            raise LabError(f"lab {self.prefix!r}: destroy failed: {exc}") from exc
         self._plan = None
 
 
@@ -275,6 +300,7 @@ class _Converger:
                 self._delete(ns, link)
 
     def _ensure_links(self) -> None:
+        changed: set[str] = set()  # re-read once at the end, not after every pair
         for ns, ports in self.plan.routers.items():
             for port in ports:
                 rlink = self._links(ns).get(port.router_ifname)
@@ -284,7 +310,7 @@ class _Converger:
                         self.handles[port.host_ns].link(
                             "set", index=hlink.get("index"), address=port.mac
                         )
-                        self._link_cache.pop(port.host_ns, None)
+                        changed.add(port.host_ns)
                     continue
                 # Half a pair, or a pair with the wrong peer: replace it.
                 if rlink is not None:
@@ -293,8 +319,9 @@ class _Converger:
                 if hlink is not None:
                     self._delete(port.host_ns, hlink)
                 self._create_pair(port)
-                self._link_cache.pop(ns, None)
-                self._link_cache.pop(port.host_ns, None)
+                changed |= {ns, port.host_ns}
+        for ns in changed:
+            self._link_cache.pop(ns, None)
 
     def _create_pair(self, port: Port) -> None:
         fd = netns.open_fd(port.host_ns)

@@ -255,8 +255,10 @@ def lab_exec(args: argparse.Namespace) -> int:
     if loaded is None:
         raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
     _, network = loaded
-    namespace = Lab(prefix).host_ns(args.name, network)
-    netns.enter(namespace)  # this process only; it is replaced by CMD next
+    lab = Lab(prefix)
+    lab.set_model(network)
+    namespace = lab.host_ns(args.name)
+    netns.enter_for_exec(namespace)  # this process only; it is replaced by CMD next
     try:
         os.execvp(command[0], command)
     except OSError as exc:
@@ -281,7 +283,8 @@ def lab_check(args: argparse.Namespace) -> int:
         raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
     _, network = loaded
     lab = Lab(prefix)
-    hosts = matrix.lab_hosts(network, lambda name: lab.host_ns(name, network))
+    lab.set_model(network)
+    hosts = matrix.lab_hosts(network, lab.host_ns)
     probes = matrix.plan(network, hosts, args.tcp, args.udp)
     outcomes = matrix.run(network, probes, timeout=args.timeout)
     print(matrix.render(outcomes))

@@ -115,6 +115,15 @@ def entered(name: str) -> Iterator[None]:
         os.close(target)
 
 
+def enter_for_exec(name: str) -> None:
+    """Move the calling thread into `name` for good: only for a process about to exec."""
+    target = open_fd(name)
+    try:
+        _setns(target, name)
+    finally:
+        os.close(target)
+
+
 def run_in(name: str, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """Call `fn(*args, **kwargs)` inside namespace `name` in this thread; return its result."""
     with entered(name):

@@ -51,7 +51,7 @@ def _sweep(prefix: str) -> list[str]:
     return removed
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def run_prefix() -> Iterator[str]:
     """Unique per run; everything with it is removed at session end."""
     yield RUN_PREFIX

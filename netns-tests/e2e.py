@@ -17,8 +17,10 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -27,8 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import probes
 import yaml
 from nftsg.agent import netns
+from nftsg.translators.evaluator import Flow
+from nftsg.translators.network import IPAddress as IPAddr
+from nftsg.translators.network import Network
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -260,3 +266,120 @@ def listening(namespace: str, address: str, port: int) -> Iterator[socket.socket
         yield sock
     finally:
         sock.close()
+
+
+# -- probing one evaluator Flow with real packets ---------------------------------------
+
+_CRC32C = []
+for _n in range(256):
+    _c = _n
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
+    _CRC32C.append(_c)
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _l4_payload(protocol: int, sport: int, dport: int, token: bytes) -> bytes:
+    if protocol == 47:  # GRE version 0 carrying "IPv4" (never decapsulated: no tunnel here)
+        return b"\x00\x00\x08\x00" + token
+    if protocol == 132:  # SCTP INIT, valid enough for conntrack's SCTP tracker
+        init = struct.pack("!BBHIIHHI", 1, 0, 20, int.from_bytes(token[:4], "big") or 1,
+                           65535, 1, 1, 1)
+        header = struct.pack("!HHII", sport, dport, 0, 0)
+        packet = header + init
+        csum = crc32c(packet)
+        return header + struct.pack("<I", csum) + init
+    return token  # any other protocol: the token is the whole payload
+
+
+def raw_probe(
+    src_ns: str, dst_ns: str, src: IPAddr, dst: IPAddr, protocol: int,
+    sport: int = 0, dport: int = 0, timeout: float = 0.3,
+) -> tuple[bool, str]:
+    """One packet of IP protocol `protocol` from src to dst; ok when dst_ns receives it.
+
+    For protocols without a probe of their own (GRE, SCTP, ICMP of the other
+    family): the request alone is what the firewall decides on for a new flow.
+    """
+    family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
+    token = os.urandom(8)
+    payload = _l4_payload(protocol, sport, dport, token)
+    with netns.entered(dst_ns):
+        receiver = socket.socket(family, socket.SOCK_RAW, protocol)
+    with netns.entered(src_ns):
+        sender = socket.socket(family, socket.SOCK_RAW, protocol)
+    try:
+        sender.bind((str(src), 0))
+        sender.sendto(payload, (str(dst), 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([receiver], [], [], left)
+            if not ready:
+                break
+            data, _peer = receiver.recvfrom(4096)
+            if family == socket.AF_INET:
+                data = data[(data[0] & 0x0F) * 4 :]
+            if data == payload:
+                return True, "received"
+        return False, "not received"
+    except OSError as exc:
+        return False, f"raw: {exc}"
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def namespace_of_address(lab: CliLab, network: Network, address: IPAddr) -> str:
+    eni = network.eni_by_address(address)
+    if eni is not None:
+        return lab.instance_ns(eni.instance_id)
+    ext = network.external_by_address(address)
+    if ext is None:
+        raise KeyError(f"nobody owns {address}")
+    return lab.external_ns(ext.name)
+
+
+def probe_flow(
+    lab: CliLab, network: Network, flow: Flow, timeout: float = 0.3
+) -> tuple[bool, str]:
+    """Send `flow` with real packets (its addresses, protocol and ports); True if it got through.
+
+    TCP: handshake and data both ways; UDP: request and answer; ICMP echo in its
+    own family: request and reply; anything else: the request arrives.
+    """
+    src_ns = namespace_of_address(lab, network, flow.src_ip)
+    dst_ns = namespace_of_address(lab, network, flow.dst_ip)
+    if flow.protocol == 6:
+        p = probes.tcp_probe(src_ns, dst_ns, flow.dst_ip, flow.dport, sport=flow.sport,
+                             timeout=timeout, src=flow.src_ip)
+        return p.ok, p.error or "tcp round trip"
+    if flow.protocol == 17:
+        p = probes.udp_probe(src_ns, dst_ns, flow.dst_ip, flow.dport, sport=flow.sport,
+                             timeout=timeout, src=flow.src_ip)
+        return p.ok, p.error or "udp round trip"
+    if flow.protocol == (1 if flow.version == 4 else 58):
+        ok = probes.ping(src_ns, flow.dst_ip, timeout=timeout, src=flow.src_ip)
+        return ok, "echo reply" if ok else "no echo reply"
+    return raw_probe(src_ns, dst_ns, flow.src_ip, flow.dst_ip, flow.protocol,
+                     flow.sport, flow.dport, timeout)
+
+
+def flow_label(network: Network, flow: Flow) -> str:
+    def who(address: IPAddr) -> str:
+        eni = network.eni_by_address(address)
+        if eni is not None:
+            return f"{eni.instance_id}/{eni.eni_id}"
+        ext = network.external_by_address(address)
+        return ext.name if ext is not None else "?"
+
+    ports = f" dport {flow.dport} sport {flow.sport}" if flow.protocol in (6, 17, 132) else ""
+    return (
+        f"{who(flow.src_ip)} {flow.src_ip} -> {who(flow.dst_ip)} {flow.dst_ip} "
+        f"proto {flow.protocol}{ports}"
+    )

@@ -433,3 +433,8 @@ def compile_vpc(network: Network, vpc_id: str, table: str = DEFAULT_TABLE) -> Pr
         raise KeyError(f"unknown VPC {vpc_id!r}")
     with cyclic_gc_paused():
         return _Compiler(network, vpc_id, table).program()
+
+
+def compile_all(network: Network, table: str = DEFAULT_TABLE) -> dict[str, Program]:
+    """One program per VPC, keyed (and ordered) by VPC id."""
+    return {vpc_id: compile_vpc(network, vpc_id, table) for vpc_id in sorted(network.vpcs)}

@@ -259,12 +259,13 @@ class _Set:
                 raise InvalidProgram(f"map {self.name}: key {key} has two verdicts")
             return
         if self.interval:
+            # nft refuses overlapping intervals; the kernel's concatenated-interval
+            # sets refuse some overlaps, depending on insertion order. Refusing every
+            # overlap keeps traces order-independent and holds the compiler to its
+            # promise (docs/dataplane.md) that no two elements of one set overlap.
             for other in self.elements:
                 if _overlap(other, key):
-                    raise InvalidProgram(
-                        f"set {self.name}: elements {other} and {key} overlap "
-                        "(the kernel refuses overlapping interval elements)"
-                    )
+                    raise InvalidProgram(f"set {self.name}: elements {other} and {key} overlap")
         self._index[key] = len(self.elements)
         self.elements.append(key)
         if verdict is not None:

@@ -1,0 +1,765 @@
+"""`EnforcedLab`: a lab with nftsg enforcing it, driven in-process, for the scenario tests.
+
+One `EnforcedLab` is one lab (its own namespace prefix), one real nft backend,
+one conntrack pruner and one `Reconciler`, with no daemon in between:
+
+    lab.up(topology)          build the model, create the VPC routers, enforce the
+                              rules, then create the instances (rules are in force
+                              before the first port exists)
+    lab.change(topology)      the same model edited: an incremental sync, then the lab
+    lab.expect(src, dst, "tcp", 80, allowed=True)
+                              (1) the reference evaluator predicts `allowed` for the
+                              flow, (2) a real probe shows the kernel does the same
+    lab.assert_second_sync_is_noop()
+                              a second sync sends nothing and the kernel holds exactly
+                              what was applied
+    lab.ruleset(vpc)          the kernel's listing of the table, for ruleset checks
+
+Everything the lab created is removed by `close()` (the fixtures call it in a
+`finally`); the session-wide sweep of the run prefix in conftest.py is the
+safety net behind it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nftsg.agent import netns
+from nftsg.agent.conntrack import Conntracker, FlowEntry
+from nftsg.agent.lab import Lab
+from nftsg.agent.nft_backend import NftBackend
+from nftsg.agent.probe import ProbeResult, ping_probe, tcp_probe, udp_probe
+from nftsg.agent.reconcile import Reconciler, SyncReport
+from nftsg.translators.evaluator import Decision, Flow, SideDecision, evaluate
+from nftsg.translators.model import topology_from_data
+from nftsg.translators.network import Eni, IPAddress, Network
+from nftsg.translators.validate import build_network
+
+TABLE = "nftsg"
+# An expected drop costs its whole timeout; an expected pass returns at once.
+DROP_TIMEOUT = 0.35
+PASS_TIMEOUT = 1.0
+
+Kind = Literal["ping", "tcp", "udp", "gre", "icmp-timestamp"]
+Family = Literal["ipv4", "ipv6"]
+
+PROTO_TCP, PROTO_UDP, PROTO_GRE = 6, 17, 47
+PROTO_ICMP, PROTO_ICMPV6 = 1, 58
+IFA_F_NODAD = 0x02
+
+# The standard VPC of the scenarios: two vSwitches, both with IPv6.
+VPC = "vpc-t"
+
+
+def topology(
+    *,
+    security_groups: Iterable[dict[str, Any]] = (),
+    instances: Iterable[dict[str, Any]] = (),
+    external_hosts: Iterable[dict[str, Any]] = (),
+    prefix_lists: Iterable[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """A topology dict in the file format, in the scenarios' VPC `vpc-t`
+    (vsw-a 10.0.1.0/24 + 2001:db8:1:1::/64, vsw-b 10.0.2.0/24 + 2001:db8:1:2::/64)."""
+    return {
+        "vpcs": [
+            {
+                "vpc_id": VPC,
+                "cidr_block": "10.0.0.0/16",
+                "ipv6_cidr_block": "2001:db8:1::/56",
+                "vswitches": [
+                    {
+                        "vswitch_id": "vsw-a",
+                        "cidr_block": "10.0.1.0/24",
+                        "ipv6_cidr_block": "2001:db8:1:1::/64",
+                    },
+                    {
+                        "vswitch_id": "vsw-b",
+                        "cidr_block": "10.0.2.0/24",
+                        "ipv6_cidr_block": "2001:db8:1:2::/64",
+                    },
+                ],
+            }
+        ],
+        "prefix_lists": list(prefix_lists),
+        "security_groups": [{"vpc_id": VPC, **g} for g in security_groups],
+        "instances": list(instances),
+        "external_hosts": [{"vpc_id": VPC, **x} for x in external_hosts],
+    }
+
+
+def instance(
+    instance_id: str,
+    ip: str,
+    groups: list[str] | None,
+    *,
+    ipv6: str | None = None,
+    vswitch: str = "vsw-a",
+    **more: Any,
+) -> dict[str, Any]:
+    """One instance of the file format (groups None: the VPC default group)."""
+    out: dict[str, Any] = {"instance_id": instance_id, "vswitch_id": vswitch, "private_ip_address": ip}
+    if groups is not None:
+        out["security_group_ids"] = groups
+    if ipv6 is not None:
+        out["ipv6_address"] = ipv6
+    out.update(more)
+    return out
+
+
+# -- flows ---------------------------------------------------------------------
+
+
+def flow_of_entry(entry: FlowEntry) -> Flow:
+    """The evaluator's view of a conntrack entry's original direction."""
+    return Flow(
+        ipaddress.ip_address(entry.src),
+        ipaddress.ip_address(entry.dst),
+        entry.proto,
+        entry.dport,
+        entry.sport,
+    )
+
+
+def describe_side(side: SideDecision | None) -> str:
+    if side is None:
+        return "not evaluated (no ENI)"
+    if side.rule is None:
+        return f"{side.verdict} by the {side.group_type} default of {side.eni_id}"
+    r = side.rule
+    return (
+        f"{side.verdict} by {r.rule_id} of {r.group_id} on {side.eni_id} "
+        f"({r.direction} {r.protocol} priority {r.priority} {r.policy})"
+    )
+
+
+def describe_decision(decision: Decision) -> str:
+    if decision.reason == "intra-group":
+        return f"{decision.verdict}: intra-group shortcut of {decision.shortcut_group}"
+    if decision.reason != "rules":
+        return f"{decision.verdict}: {decision.reason}"
+    return (
+        f"{decision.verdict}: sender egress {describe_side(decision.egress)}; "
+        f"receiver ingress {describe_side(decision.ingress)}"
+    )
+
+
+# -- raw probes (protocols agent.probe has no probe for) --------------------------
+
+
+def _raw_socket(namespace: str, version: int, proto: int) -> socket.socket:
+    fam = socket.AF_INET if version == 4 else socket.AF_INET6
+    return netns.run_in(namespace, lambda: socket.socket(fam, socket.SOCK_RAW, proto))
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def _raw_payload(proto: int, nonce: bytes) -> bytes:
+    if proto == PROTO_GRE:
+        # GRE version 0, no options, a protocol type from the local experimental range.
+        return struct.pack("!HH", 0, 0x88B5) + nonce
+    if proto == PROTO_ICMP:
+        # ICMP timestamp request (type 13): not an echo, to show rules cover every type.
+        body = struct.pack("!HH", int.from_bytes(nonce[:2], "big"), 1) + nonce
+        return struct.pack("!BBH", 13, 0, _checksum(struct.pack("!BBH", 13, 0, 0) + body)) + body
+    raise ValueError(f"no raw payload for protocol {proto}")
+
+
+def _raw_wait(sock: socket.socket, version: int, nonce: bytes, deadline: float) -> bool:
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([sock], [], [], left)
+        if not ready:
+            return False
+        data = sock.recv(4096)
+        if version == 4:
+            data = data[(data[0] & 0x0F) * 4 :]  # raw IPv4 sockets include the IP header
+        if nonce in data:
+            return True
+    return False
+
+
+def raw_probe(
+    src_ns: str,
+    dst_ns: str,
+    src: IPAddress,
+    dst: IPAddress,
+    proto: int,
+    *,
+    reply: bool,
+    timeout: float,
+) -> ProbeResult:
+    """A packet of IP protocol `proto` from src to dst, seen by a raw socket in dst_ns;
+    with `reply`, the receiver answers with the same protocol and the sender must see it."""
+    started = time.monotonic()
+    nonce = os.urandom(12)
+    sender = _raw_socket(src_ns, dst.version, proto)
+    receiver = _raw_socket(dst_ns, dst.version, proto)
+    try:
+        sender.bind((str(src), 0))
+        receiver.bind((str(dst), 0))
+        sender.sendto(_raw_payload(proto, nonce), (str(dst), 0))
+        if not _raw_wait(receiver, dst.version, nonce, started + timeout):
+            return ProbeResult(False, "request not received", time.monotonic() - started)
+        if not reply:
+            return ProbeResult(True, "request received", time.monotonic() - started)
+        answer = os.urandom(12)
+        receiver.sendto(_raw_payload(proto, answer), (str(src), 0))
+        if not _raw_wait(sender, dst.version, answer, time.monotonic() + timeout):
+            return ProbeResult(False, "reply not received", time.monotonic() - started)
+        return ProbeResult(True, "round trip", time.monotonic() - started)
+    except OSError as exc:
+        return ProbeResult(False, f"raw: {exc}", time.monotonic() - started)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+# -- the harness -------------------------------------------------------------------
+
+
+@dataclass
+class Observation:
+    """One `expect`: the flow, what the evaluator said, what the kernel did."""
+
+    label: str
+    flow: Flow
+    decision: Decision
+    probe: ProbeResult
+
+    @property
+    def predicted(self) -> bool:
+        return self.decision.verdict == "accept"
+
+
+class EnforcedLab:
+    """A lab under nftsg enforcement, driven in-process (see the module docstring)."""
+
+    def __init__(self, prefix: str, *, table: str = TABLE) -> None:
+        self.prefix = prefix
+        self.table = table
+        self.lab = Lab(prefix)
+        self.backend = NftBackend()
+        self.conntrack = Conntracker()
+        self.reconciler = Reconciler(
+            self.backend,
+            self.lab.router_ns,
+            table=table,
+            prune_flows=self._prune,
+            namespace_exists=netns.exists,
+        )
+        self.network: Network | None = None
+        self.reports: list[SyncReport] = []
+        self._rng = random.Random()
+
+    # -- lifecycle -------------------------------------------------------------
+    def __enter__(self) -> EnforcedLab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.conntrack.close()
+            self.backend.close()
+        finally:
+            self.lab.destroy()
+
+    def _prune(self, namespace: str, allowed: Any) -> int:
+        return self.conntrack.prune(namespace, lambda entry: allowed(flow_of_entry(entry)))
+
+    # -- model -> kernel -----------------------------------------------------------
+    @staticmethod
+    def build(topo: dict[str, Any]) -> Network:
+        return build_network(topology_from_data(topo))
+
+    def up(self, topo: dict[str, Any]) -> SyncReport:
+        """First build: router namespaces, then the rules, then the instances."""
+        network = self.build(topo)
+        ensure_routers = getattr(self.lab, "ensure_routers", None)
+        if ensure_routers is not None:
+            ensure_routers(network)
+        else:
+            # Lab.apply adopts namespaces that already exist, so creating the
+            # routers first lets the rules be in force before any port exists.
+            for vpc_id in network.vpcs:
+                ns = self.lab.router_ns(vpc_id)
+                if not netns.exists(ns):
+                    netns.create(ns)
+        report = self.reconciler.sync(network)
+        self.lab.apply(network)
+        self.network = network
+        self.reports.append(report)
+        return report
+
+    def change(self, topo: dict[str, Any]) -> SyncReport:
+        """An edited model: validated first (a rejected model raises and changes
+        nothing), then an incremental sync, then the lab."""
+        network = self.build(topo)
+        report = self.reconciler.sync(network)
+        self.lab.apply(network)
+        self.network = network
+        self.reports.append(report)
+        return report
+
+    def router(self, vpc_id: str = VPC) -> str:
+        return self.lab.router_ns(vpc_id)
+
+    def ns(self, name: str) -> str:
+        return self.lab.host_ns(name)
+
+    # -- addresses ----------------------------------------------------------------
+    def _net(self) -> Network:
+        assert self.network is not None, "call up() first"
+        return self.network
+
+    def eni(self, name: str) -> Eni:
+        """The ENI named by an ENI id, or an instance id (its primary ENI)."""
+        net = self._net()
+        if name in net.enis:
+            return net.enis[name]
+        return net.enis[net.instances[name].eni_ids[0]]
+
+    def address(self, name: str, family: Family = "ipv4") -> IPAddress:
+        """First address of that family of an instance (primary ENI), ENI or external host."""
+        net = self._net()
+        if name in net.externals:
+            ext = net.externals[name]
+            addrs: tuple[IPAddress, ...] = ext.ipv4 if family == "ipv4" else ext.ipv6
+        else:
+            eni = self.eni(name)
+            addrs = eni.ipv4 if family == "ipv4" else eni.ipv6
+        assert addrs, f"{name} has no {family} address in the model"
+        return addrs[0]
+
+    # -- traffic ------------------------------------------------------------------
+    def observe(
+        self,
+        src: str,
+        dst: str,
+        kind: Kind,
+        port: int | None = None,
+        sport: int | None = None,
+        family: Family = "ipv4",
+        *,
+        src_ip: str | None = None,
+        dst_ip: str | None = None,
+        timeout: float = PASS_TIMEOUT,
+    ) -> Observation:
+        s_ip = ipaddress.ip_address(src_ip) if src_ip else self.address(src, family)
+        d_ip = ipaddress.ip_address(dst_ip) if dst_ip else self.address(dst, family)
+        src_ns, dst_ns = self.ns(src), self.ns(dst)
+        if kind in ("tcp", "udp"):
+            assert port is not None, f"a {kind} probe needs a port"
+            sp = sport if sport is not None else self._rng.randint(20000, 60000)
+            proto = PROTO_TCP if kind == "tcp" else PROTO_UDP
+            flow = Flow(s_ip, d_ip, proto, port, sp)
+            fn = tcp_probe if kind == "tcp" else udp_probe
+            result = fn(src_ns, dst_ns, d_ip, port, src=s_ip, sport=sp, timeout=timeout)
+            what = f"{kind} {s_ip}:{sp} -> {d_ip}:{port}"
+        elif kind == "ping":
+            flow = Flow(s_ip, d_ip, PROTO_ICMP if d_ip.version == 4 else PROTO_ICMPV6)
+            result = ping_probe(src_ns, d_ip, src=s_ip, timeout=timeout)
+            what = f"ping {s_ip} -> {d_ip}"
+        elif kind == "gre":
+            flow = Flow(s_ip, d_ip, PROTO_GRE)
+            result = raw_probe(src_ns, dst_ns, s_ip, d_ip, PROTO_GRE, reply=True, timeout=timeout)
+            what = f"gre {s_ip} -> {d_ip}"
+        elif kind == "icmp-timestamp":
+            assert d_ip.version == 4
+            flow = Flow(s_ip, d_ip, PROTO_ICMP)
+            result = raw_probe(src_ns, dst_ns, s_ip, d_ip, PROTO_ICMP, reply=False, timeout=timeout)
+            what = f"icmp timestamp request {s_ip} -> {d_ip}"
+        else:
+            raise ValueError(f"unknown probe kind {kind!r}")
+        decision = evaluate(self._net(), flow)
+        return Observation(f"{src} -> {dst}: {what}", flow, decision, result)
+
+    def expect(
+        self,
+        src: str,
+        dst: str,
+        kind: Kind,
+        port: int | None = None,
+        sport: int | None = None,
+        family: Family = "ipv4",
+        *,
+        allowed: bool,
+        src_ip: str | None = None,
+        dst_ip: str | None = None,
+    ) -> Observation:
+        """Assert that the evaluator predicts `allowed` and that the kernel does it."""
+        obs = self.observe(
+            src, dst, kind, port, sport, family,
+            src_ip=src_ip, dst_ip=dst_ip,
+            timeout=PASS_TIMEOUT if allowed else DROP_TIMEOUT,
+        )
+        want = "allowed" if allowed else "dropped"
+        problems = []
+        if obs.predicted != allowed:
+            problems.append("the evaluator disagrees with the scenario")
+        if obs.probe.ok != allowed:
+            problems.append("the kernel disagrees with the scenario")
+        assert not problems, (
+            f"{obs.label}: expected {want}; " + " and ".join(problems) + "\n"
+            f"  evaluator: {describe_decision(obs.decision)}\n"
+            f"  kernel:    {'passed' if obs.probe.ok else 'dropped'} ({obs.probe.detail}, "
+            f"{obs.probe.seconds:.3f} s)"
+        )
+        return obs
+
+    # -- the three checks of a real-namespace test ------------------------------------
+    def assert_second_sync_is_noop(self) -> None:
+        report = self.reconciler.sync(self._net())
+        sent = {ns: n for ns, n in report.commands.items() if n}
+        assert not sent, f"a second sync of the same model sent commands: {sent}"
+        drifted = self.reconciler.verify()
+        assert drifted == [], f"the kernel differs from the applied program in {drifted}"
+
+    def ruleset(self, vpc_id: str = VPC) -> dict[str, Any]:
+        listing = self.backend.list_table(self.router(vpc_id), "inet", self.table)
+        assert listing is not None, f"no table inet {self.table} in {self.router(vpc_id)}"
+        return listing
+
+    def kernel_chains(self, vpc_id: str = VPC) -> dict[str, dict[str, Any]]:
+        return {
+            item["chain"]["name"]: item["chain"]
+            for item in self.ruleset(vpc_id)["nftables"]
+            if "chain" in item
+        }
+
+    def kernel_rules(self, chain: str, vpc_id: str = VPC) -> list[dict[str, Any]]:
+        return [
+            item["rule"]
+            for item in self.ruleset(vpc_id)["nftables"]
+            if "rule" in item and item["rule"]["chain"] == chain
+        ]
+
+    def kernel_sets(self, vpc_id: str = VPC) -> dict[str, list[Any]]:
+        """Set and map name -> its elements, as the kernel lists them."""
+        out: dict[str, list[Any]] = {}
+        for item in self.ruleset(vpc_id)["nftables"]:
+            for kind in ("set", "map"):
+                if kind in item:
+                    out[item[kind]["name"]] = list(item[kind].get("elem", []))
+        return out
+
+    def elements_text(self, name_prefix: str, vpc_id: str = VPC) -> str:
+        """Every element of the sets whose names start with `name_prefix`, as JSON text:
+        for "is this address / port in the rules now" checks."""
+        sets = self.kernel_sets(vpc_id)
+        return json.dumps([sets[n] for n in sorted(sets) if n.startswith(name_prefix)])
+
+    def rules_of(
+        self, eni_id: str, direction: Literal["ingress", "egress"], vpc_id: str = VPC
+    ) -> dict[tuple[int, str], set[tuple[str, ...]]]:
+        """The ENI's pooled rules as the kernel holds them (see `kernel_rule_elements`)."""
+        return kernel_rule_elements(self, eni_id, direction, vpc_id)
+
+    def default_verdict(self, eni_id: str, direction: Literal["ingress", "egress"]) -> str:
+        """The verdict of the last rule of the ENI's chain: its default for that direction."""
+        chain = ("out_" if direction == "egress" else "in_") + eni_id
+        last = self.kernel_rules(chain)[-1]["expr"]
+        return next(iter(last[-1]))
+
+    # -- anti-spoofing -------------------------------------------------------------
+    def send_udp_from(
+        self,
+        src: str,
+        src_ip: str,
+        dst: str,
+        port: int,
+        *,
+        family: Family = "ipv4",
+        add_address: bool,
+        timeout: float = DROP_TIMEOUT,
+    ) -> bool:
+        """One datagram from instance `src` with source `src_ip` to `dst`; True when it
+        arrived. With `add_address`, `src_ip` is first added to the instance's
+        interface (it is not in the model) and removed afterwards."""
+        forged = ipaddress.ip_address(src_ip)
+        d_ip = self.address(dst, family)
+        src_ns = self.ns(src)
+        ifname = self.eni(src).peer_ifname if src not in self._net().externals else "eth0"
+        ipr = netns.iproute(src_ns)
+        try:
+            index = ipr.link_lookup(ifname=ifname)[0]
+            plen = 32 if forged.version == 4 else 128
+            fam = socket.AF_INET if forged.version == 4 else socket.AF_INET6
+            if add_address:
+                extra = {} if forged.version == 4 else {"flags": IFA_F_NODAD}
+                ipr.addr("add", index=index, address=str(forged), prefixlen=plen, family=fam, **extra)
+            try:
+                return _udp_oneway(src_ns, self.ns(dst), forged, d_ip, port, timeout)
+            finally:
+                if add_address:
+                    ipr.addr("del", index=index, address=str(forged), prefixlen=plen, family=fam)
+        finally:
+            ipr.close()
+
+
+def _udp_oneway(
+    src_ns: str, dst_ns: str, src: IPAddress, dst: IPAddress, port: int, timeout: float
+) -> bool:
+    fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+    server = netns.run_in(dst_ns, lambda: socket.socket(fam, socket.SOCK_DGRAM))
+    client = netns.run_in(src_ns, lambda: socket.socket(fam, socket.SOCK_DGRAM))
+    try:
+        server.bind((str(dst), port))
+        client.bind((str(src), 0))
+        token = os.urandom(8)
+        client.sendto(token, (str(dst), port))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([server], [], [], left)
+            if not ready:
+                return False
+            data, peer = server.recvfrom(64)
+            if data == token:
+                assert ipaddress.ip_address(peer[0]) == src
+                return True
+        return False
+    finally:
+        client.close()
+        server.close()
+
+
+# -- long-lived flows (semantics.md "State") -----------------------------------------
+
+_RECORD = struct.Struct("!Qd")  # sequence number, send time
+
+
+@dataclass
+class StreamLog:
+    received: list[tuple[int, float]] = field(default_factory=list)  # (seq, arrival)
+    errors: list[str] = field(default_factory=list)
+
+
+class _Stream:
+    """Sends numbered records every `interval` from a client to a server in another
+    namespace, in a background thread; another thread records their arrival."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.sent = 0
+        self.log = StreamLog()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _start(self, send: Any, receive: Any) -> None:
+        self._threads = [
+            threading.Thread(target=send, daemon=True),
+            threading.Thread(target=receive, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def count(self) -> int:
+        return len(self.log.received)
+
+    def arrivals_between(self, start: float, end: float) -> int:
+        return sum(1 for _, t in list(self.log.received) if start <= t <= end)
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count() >= count:
+                return True
+            time.sleep(0.005)
+        return self.count() >= count
+
+    def max_gap(self, start: float, end: float) -> float:
+        times = [start] + [t for _, t in self.log.received if start <= t <= end] + [end]
+        return max(b - a for a, b in zip(times, times[1:], strict=False))
+
+    def stop_sending(self) -> None:
+        self._stop.set()
+
+    def sequence(self) -> list[int]:
+        return [seq for seq, _ in self.log.received]
+
+
+class TcpStream(_Stream):
+    """One established TCP connection carrying a steady stream of records."""
+
+    def __init__(
+        self, src_ns: str, dst_ns: str, src: IPAddress, dst: IPAddress, port: int,
+        interval: float = 0.002,
+    ) -> None:
+        super().__init__(interval)
+        fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+        listener = netns.run_in(dst_ns, lambda: socket.socket(fam, socket.SOCK_STREAM))
+        self.client = netns.run_in(src_ns, lambda: socket.socket(fam, socket.SOCK_STREAM))
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((str(dst), port))
+            listener.listen(1)
+            self.client.bind((str(src), 0))
+            self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.client.settimeout(PASS_TIMEOUT)
+            self.client.connect((str(dst), port))
+            listener.settimeout(PASS_TIMEOUT)
+            self.server, _ = listener.accept()
+        finally:
+            listener.close()
+        self.sport = self.client.getsockname()[1]
+        self._start(self._send, self._receive)
+
+    def _send(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.client.sendall(_RECORD.pack(self.sent, time.monotonic()))
+            except OSError as exc:
+                self.log.errors.append(f"send: {exc}")
+                return
+            self.sent += 1
+            time.sleep(self.interval)
+
+    def _receive(self) -> None:
+        buf = b""
+        self.server.settimeout(0.05)
+        while True:
+            try:
+                chunk = self.server.recv(65536)
+            except TimeoutError:
+                if self._stop.is_set() and self.count() >= self.sent:
+                    return
+                continue
+            except OSError as exc:
+                self.log.errors.append(f"recv: {exc}")
+                return
+            if not chunk:
+                return
+            now = time.monotonic()
+            buf += chunk
+            while len(buf) >= _RECORD.size:
+                seq, _ = _RECORD.unpack(buf[: _RECORD.size])
+                buf = buf[_RECORD.size :]
+                self.log.received.append((seq, now))
+
+    def retransmissions(self) -> int:
+        """tcpi_total_retrans of the sending socket: every lost segment counts here."""
+        info = self.client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return int(struct.unpack_from("I", info, 100)[0])
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=3)
+        self.client.close()
+        self.server.close()
+
+
+class UdpStream(_Stream):
+    """A steady stream of numbered datagrams; each is echoed back by the server, and the
+    arrival of the echo at the client is what is recorded (request and reply both pass)."""
+
+    def __init__(
+        self, src_ns: str, dst_ns: str, src: IPAddress, dst: IPAddress, port: int,
+        interval: float = 0.002,
+    ) -> None:
+        super().__init__(interval)
+        fam = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+        self.server = netns.run_in(dst_ns, lambda: socket.socket(fam, socket.SOCK_DGRAM))
+        self.client = netns.run_in(src_ns, lambda: socket.socket(fam, socket.SOCK_DGRAM))
+        self.server.bind((str(dst), port))
+        self.client.bind((str(src), 0))
+        self.client.connect((str(dst), port))
+        self.sport = self.client.getsockname()[1]
+        self._echo = threading.Thread(target=self._serve, daemon=True)
+        self._echo.start()
+        self._start(self._send, self._receive)
+
+    def _serve(self) -> None:
+        self.server.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                data, peer = self.server.recvfrom(64)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.server.sendto(data, peer)
+
+    def _send(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.client.send(_RECORD.pack(self.sent, time.monotonic()))
+            except OSError as exc:
+                self.log.errors.append(f"send: {exc}")
+            self.sent += 1
+            time.sleep(self.interval)
+
+    def _receive(self) -> None:
+        self.client.settimeout(0.05)
+        while True:
+            try:
+                data = self.client.recv(64)
+            except TimeoutError:
+                if self._stop.is_set():
+                    return
+                continue
+            except OSError as exc:
+                self.log.errors.append(f"recv: {exc}")
+                if self._stop.is_set():
+                    return
+                continue
+            seq, _ = _RECORD.unpack(data[: _RECORD.size])
+            self.log.received.append((seq, time.monotonic()))
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in (*self._threads, self._echo):
+            t.join(timeout=3)
+        self.client.close()
+        self.server.close()
+
+
+# -- the rules of one ENI as the kernel holds them -------------------------------------
+
+
+def _atom(atom: Any) -> str:
+    if isinstance(atom, dict) and "prefix" in atom:
+        p = atom["prefix"]
+        return "*" if p["len"] == 0 else f"{p['addr']}/{p['len']}"
+    if isinstance(atom, dict) and "range" in atom:
+        lo, hi = atom["range"]
+        if str(lo) in ("0", "hopopt") and str(hi) in ("65535", "255"):
+            return "*"
+        return f"{lo}-{hi}"
+    return str(atom)
+
+
+def kernel_rule_elements(
+    lab: EnforcedLab, eni_id: str, direction: Literal["ingress", "egress"], vpc_id: str = VPC
+) -> dict[tuple[int, str], set[tuple[str, ...]]]:
+    """(priority, "accept"|"drop") -> the elements (proto, peer, dport, sport, local) that
+    the kernel holds in that ENI's rule sets of that direction; "*" for a full range."""
+    head = ("out_" if direction == "egress" else "in_") + eni_id + "_p"
+    out: dict[tuple[int, str], set[tuple[str, ...]]] = {}
+    for name, elems in lab.kernel_sets(vpc_id).items():
+        if not name.startswith(head):
+            continue
+        prio, policy, _fam, _part = name[len(head) :].split("_")
+        bucket = out.setdefault((int(prio), "drop" if policy == "d" else "accept"), set())
+        for elem in elems:
+            inner = elem.get("elem", {}).get("val", elem) if "elem" in elem else elem
+            bucket.add(tuple(_atom(a) for a in inner["concat"]))
+    return out

@@ -1,0 +1,369 @@
+"""Incremental transactions: touch only what changed, in an order the kernel accepts.
+
+`FakeTable` applies a batch all-or-nothing with the reference checks the
+kernel makes (a rule's sets and a map element's chain must exist; a chain or
+set still referenced cannot be deleted; an element must exist to be deleted),
+so ordering mistakes fail here without root. netns-tests/test_compiled_loads.py
+proves the same equivalences against the real kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+from nftsg.translators.compiler import compile_vpc
+from nftsg.translators.diff import diff_programs
+from nftsg.translators.network import Network
+from nftsg.translators.nft import Program
+from nftsg.translators.validate import load_network
+from test_compiler import DEMO
+
+Topo = dict[str, Any]
+
+
+def demo_topology() -> Topo:
+    topo: Topo = yaml.safe_load(DEMO.read_text())
+    return topo
+
+
+def _group(topo: Topo, gid: str) -> dict[str, Any]:
+    return next(g for g in topo["security_groups"] if g["security_group_id"] == gid)
+
+
+def _instance(topo: Topo, iid: str) -> dict[str, Any]:
+    return next(i for i in topo["instances"] if i["instance_id"] == iid)
+
+
+def add_rule(t: Topo) -> None:
+    _group(t, "sg-web")["permissions"].append(
+        {
+            "direction": "ingress",
+            "ip_protocol": "TCP",
+            "port_range": "8443/8443",
+            "source_cidr_ip": "0.0.0.0/0",
+            "priority": 5,
+        }
+    )
+
+
+def remove_rule(t: Topo) -> None:
+    del _group(t, "sg-bastion")["permissions"][1]
+
+
+def change_priority(t: Topo) -> None:
+    _group(t, "sg-web")["permissions"][0]["priority"] = 20
+
+
+def join_group(t: Topo) -> None:
+    _instance(t, "i-app1")["security_group_ids"].append("sg-bastion")
+
+
+def leave_group(t: Topo) -> None:
+    _instance(t, "i-web2")["security_group_ids"] = ["sg-app"]
+
+
+def inner_policy(t: Topo) -> None:
+    _group(t, "sg-web")["inner_access_policy"] = "Drop"
+    _group(t, "sg-app")["inner_access_policy"] = "Accept"
+
+
+def prefix_list_entry(t: Topo) -> None:
+    t["prefix_lists"][0]["entries"] = ["198.51.100.0/25", "192.0.2.0/24"]
+
+
+def add_eni(t: Topo) -> None:
+    t["instances"].append(
+        {
+            "instance_id": "i-web3",
+            "vswitch_id": "vsw-web",
+            "private_ip_address": "10.0.1.12",
+            "security_group_ids": ["sg-web"],
+        }
+    )
+
+
+def remove_eni(t: Topo) -> None:
+    t["instances"] = [i for i in t["instances"] if i["instance_id"] != "i-db1"]
+
+
+EDITS: dict[str, Callable[[Topo], None]] = {
+    f.__name__: f
+    for f in (
+        add_rule,
+        remove_rule,
+        change_priority,
+        join_group,
+        leave_group,
+        inner_policy,
+        prefix_list_entry,
+        add_eni,
+        remove_eni,
+    )
+}
+
+
+def edited(edit: Callable[[Topo], None]) -> Network:
+    topo = copy.deepcopy(demo_topology())
+    edit(topo)
+    return load_network(json.dumps(topo))
+
+
+def demo_programs(edit: Callable[[Topo], None]) -> tuple[Program, Program]:
+    old = compile_vpc(load_network(DEMO.read_text()), "vpc-demo")
+    return old, compile_vpc(edited(edit), "vpc-demo")
+
+
+# --------------------------------------------------------------------------- fake kernel
+
+
+class BatchError(Exception):
+    pass
+
+
+def _refs(rule_expr: list[Any]) -> tuple[set[str], set[str]]:
+    """(sets/maps looked up, chains jumped to) by a rule."""
+    sets: set[str] = set()
+    jumps: set[str] = set()
+    for d in _walk(rule_expr):
+        for v in d.values():
+            if isinstance(v, str) and v.startswith("@"):
+                sets.add(v[1:])
+        if "jump" in d:
+            jumps.add(d["jump"]["target"])
+    return sets, jumps
+
+
+def _walk(obj: Any) -> list[dict[str, Any]]:
+    out = []
+    if isinstance(obj, dict):
+        out.append(obj)
+        for v in obj.values():
+            out.extend(_walk(v))
+    elif isinstance(obj, list):
+        for v in obj:
+            out.extend(_walk(v))
+    return out
+
+
+class FakeTable:
+    """One inet table, applied batch by batch, all or nothing."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+
+    def apply(self, commands: list[dict[str, Any]]) -> None:
+        state = copy.deepcopy(self.state)
+        for cmd in commands:
+            ((verb, body),) = cmd.items()
+            ((kind, obj),) = body.items()
+            state = self._one(state, verb, kind, obj)
+        self.state = state
+
+    @staticmethod
+    def _key(e: Any) -> str:
+        return json.dumps(e[0] if isinstance(e, list) else e, sort_keys=True)
+
+    def _one(self, st: dict[str, Any] | None, verb: str, kind: str, o: dict[str, Any]) -> Any:
+        if kind == "table":
+            if verb == "add":
+                return st or {"sets": {}, "maps": {}, "chains": {}}
+            if verb == "delete":
+                if st is None:
+                    raise BatchError("delete of a missing table")
+                return None
+        if st is None:
+            raise BatchError(f"{verb} {kind} without a table")
+        chains, sets, maps = st["chains"], st["sets"], st["maps"]
+        name = o.get("name")
+
+        def referenced_set(n: str) -> bool:
+            return any(n in _refs(r)[0] for c in chains.values() for r in c["rules"])
+
+        def jumped_to(n: str) -> bool:
+            by_rules = any(n in _refs(r)[1] for c in chains.values() for r in c["rules"])
+            by_maps = any(
+                v == {"jump": {"target": n}} for m in maps.values() for v in m["elem"].values()
+            )
+            return by_rules or by_maps
+
+        if verb == "add" and kind == "chain":
+            chains.setdefault(name, {"def": {k: v for k, v in o.items()}, "rules": []})
+        elif verb == "add" and kind in ("set", "map"):
+            if name in sets or name in maps:
+                raise BatchError(f"{kind} {name} exists")
+            store = sets if kind == "set" else maps
+            store[name] = {
+                "def": {k: v for k, v in o.items() if k != "elem"},
+                "elem": {} if kind == "map" else set(),
+            }
+            if o.get("elem"):
+                self._one(st, "add", "element", {"name": name, "elem": o["elem"]})
+        elif verb == "add" and kind == "rule":
+            if o["chain"] not in chains:
+                raise BatchError(f"rule in missing chain {o['chain']}")
+            used, jumps = _refs(o["expr"])
+            for s in used:
+                if s not in sets and s not in maps:
+                    raise BatchError(f"rule uses missing set {s}")
+            for j in jumps:
+                if j not in chains:
+                    raise BatchError(f"rule jumps to missing chain {j}")
+            chains[o["chain"]]["rules"].append(o["expr"] + [o.get("comment")])
+        elif verb == "flush" and kind == "chain":
+            if name not in chains:
+                raise BatchError(f"flush of missing chain {name}")
+            chains[name]["rules"] = []
+        elif verb == "delete" and kind == "chain":
+            if name not in chains or chains[name]["rules"] or jumped_to(name):
+                raise BatchError(f"cannot delete chain {name}")
+            del chains[name]
+        elif verb == "delete" and kind in ("set", "map"):
+            store = sets if kind == "set" else maps
+            if name not in store or referenced_set(name):
+                raise BatchError(f"cannot delete {kind} {name}")
+            del store[name]
+        elif kind == "element":
+            if name in maps:
+                elems = maps[name]["elem"]
+                for e in o["elem"]:
+                    k = self._key(e)
+                    if verb == "add":
+                        if k in elems:
+                            raise BatchError(f"map element {k} exists in {name}")
+                        if e[1]["jump"]["target"] not in chains:
+                            raise BatchError("map element jumps to a missing chain")
+                        elems[k] = e[1]
+                    elif elems.pop(k, None) is None:
+                        raise BatchError(f"delete of missing element {k} from {name}")
+            elif name in sets:
+                elems = sets[name]["elem"]
+                for e in o["elem"]:
+                    k = self._key(e)
+                    if verb == "add":
+                        elems.add(k)
+                    elif k not in elems:
+                        raise BatchError(f"delete of missing element {k} from {name}")
+                    else:
+                        elems.discard(k)
+            else:
+                raise BatchError(f"elements of missing set {name}")
+        else:
+            raise BatchError(f"unknown command {verb} {kind}")
+        return st
+
+
+def _touched(commands: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    out = []
+    for c in commands:
+        ((verb, body),) = c.items()
+        ((kind, obj),) = body.items()
+        out.append((verb, kind, obj.get("name") or obj.get("chain", "")))
+    return out
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_no_old_program_means_full_sync() -> None:
+    old, _ = demo_programs(add_rule)
+    assert diff_programs(None, old) == old.full_sync_commands()
+
+
+def test_same_program_means_no_command() -> None:
+    old, _ = demo_programs(add_rule)
+    again = compile_vpc(load_network(DEMO.read_text()), "vpc-demo")
+    assert diff_programs(old, again) == []
+
+
+@pytest.mark.parametrize("name", sorted(EDITS))
+def test_diff_applied_equals_full_sync(name: str) -> None:
+    old, new = demo_programs(EDITS[name])
+    diff = diff_programs(old, new)
+    assert diff and diff != new.full_sync_commands()
+    assert "table" not in {k for _, k, _ in _touched(diff)}
+    patched, fresh = FakeTable(), FakeTable()
+    patched.apply(old.full_sync_commands())
+    patched.apply(diff)
+    fresh.apply(new.full_sync_commands())
+    assert patched.state == fresh.state
+    # And back again.
+    patched.apply(diff_programs(new, old))
+    fresh.apply(old.full_sync_commands())
+    assert patched.state == fresh.state
+
+
+def test_fake_table_catches_a_misordered_batch() -> None:
+    old, new = demo_programs(remove_eni)
+    diff = diff_programs(old, new)
+    deletes = [c for c in diff if "delete" in c and "chain" in c["delete"]]
+    assert deletes
+    t = FakeTable()
+    t.apply(old.full_sync_commands())
+    with pytest.raises(BatchError):
+        t.apply(deletes + [c for c in diff if c not in deletes])
+
+
+def test_membership_change_of_referenced_group_is_element_only_elsewhere() -> None:
+    # i-app1 joins sg-bastion, which sg-web, sg-app and sg-db reference.
+    old, new = demo_programs(join_group)
+    touched = _touched(diff_programs(old, new))
+    structural = [t for t in touched if t[1] != "element"]
+    assert structural and all("eni-app1" in name for _, _, name in structural)
+    elements = {name for verb, kind, name in touched if kind == "element"}
+    # The referencing ENIs' ssh buckets gained app1's address; nothing else changed for them.
+    assert {
+        "in_eni-web1_p1_a_v4_0",
+        "in_eni-web2_p1_a_v4_0",
+        "in_eni-db1_p1_a_v4_0",
+        "intra_sg-bastion",
+        "intra_dispatch",
+    } <= elements
+    assert all(verb == "add" for verb, kind, _ in touched if kind == "element")
+
+
+def test_leaving_a_referenced_group_deletes_only_elements_of_others() -> None:
+    old, new = demo_programs(leave_group)
+    touched = _touched(diff_programs(old, new))
+    assert all(kind == "element" for _, kind, name in touched if "eni-web2" not in name)
+    assert ("delete", "element", "in_eni-app1_p1_a_v4_0") in touched
+    assert ("delete", "element", "intra_sg-web") in touched
+
+
+def test_prefix_list_change_is_element_only() -> None:
+    old, new = demo_programs(prefix_list_entry)
+    touched = _touched(diff_programs(old, new))
+    assert {kind for _, kind, _ in touched} == {"element"}
+    assert {name for _, _, name in touched} == {
+        "in_eni-bastion_p1_a_v4_0",
+        "in_eni-web1_p50_a_v4_0",
+        "in_eni-web2_p50_a_v4_0",
+    }
+
+
+def test_rule_change_touches_only_the_groups_enis() -> None:
+    for edit in (add_rule, change_priority):
+        old, new = demo_programs(edit)
+        touched = _touched(diff_programs(old, new))
+        assert touched
+        assert all(("eni-web1" in n or "eni-web2" in n) for _, _, n in touched), touched
+        assert ("flush", "chain", "in_eni-web1") in touched
+
+
+def test_inner_policy_change_touches_only_intra_objects() -> None:
+    old, new = demo_programs(inner_policy)
+    touched = _touched(diff_programs(old, new))
+    assert all(n.startswith("intra_") for _, _, n in touched), touched
+    assert ("delete", "set", "intra_sg-web") in touched
+    assert ("add", "set", "intra_sg-app") in touched
+    assert ("delete", "chain", "intra_eni-web1") in touched
+
+
+def test_changed_definition_falls_back_to_full_sync() -> None:
+    old, _ = demo_programs(add_rule)
+    renamed = compile_vpc(load_network(DEMO.read_text()), "vpc-demo", table="other")
+    assert diff_programs(old, renamed) == renamed.full_sync_commands()
