@@ -94,6 +94,12 @@ _ROUTER_SYSCTLS: dict[str, int] = {
     "net/ipv6/conf/default/accept_ra": 0,
     # No EUI-64 link-locals on ports: fe80::1 is the only one, added by us.
     "net/ipv6/conf/default/addr_gen_mode": 1,
+    # ECS tracks sessions for at most 910 s idle (semantics.md "State"); the
+    # kernel's default for established TCP is five days.
+    "net/netfilter/nf_conntrack_tcp_timeout_established": 910,
+    # After a revoke the agent deletes the flow's entry; with loose pickup the
+    # flow's next packet is then judged as new against the current rules.
+    "net/netfilter/nf_conntrack_tcp_loose": 1,
 }
 
 _HOST_SYSCTLS: dict[str, int] = {

@@ -1,0 +1,177 @@
+"""The compiler's JSON against the real kernel: it loads, and diffs equal full syncs.
+
+Needs root and `nft`. Every namespace gets a unique random name and is deleted
+in the fixture's finalizer, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from nftsg.translators.compiler import compile_vpc
+from nftsg.translators.diff import diff_programs
+from nftsg.translators.nft import envelope
+from nftsg.translators.validate import load_network
+from test_compiler import DEMO, scale_topology
+from test_diff import EDITS, demo_programs
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("nft") is None, reason="needs root and nft"
+    ),
+]
+
+
+class Netns:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def nft(self, *args: str, batch: list[dict[str, Any]] | None = None) -> str:
+        cmd = ["ip", "netns", "exec", self.name, "nft", *args]
+        stdin = None
+        if batch is not None:
+            cmd += ["-j", "-f", "-"]
+            stdin = json.dumps(envelope(batch))
+        res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise AssertionError(f"nft {args} failed ({res.returncode}): {res.stderr[:2000]}")
+        return res.stdout
+
+    def table(self) -> dict[str, Any]:
+        return normalise(json.loads(self.nft("-j", "list", "table", "inet", "nftsg")))
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    name = f"ntc{secrets.token_hex(5)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield Netns(name)
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def _strip(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k != "handle"}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def normalise(listing: dict[str, Any]) -> dict[str, Any]:
+    """Objects by kind and name, rules in chain order, elements sorted, no handles."""
+    out: dict[str, Any] = {"set": {}, "map": {}, "chain": {}, "rule": {}}
+    for item in listing["nftables"]:
+        ((kind, obj),) = item.items()
+        if kind in ("metainfo", "table"):
+            continue
+        obj = _strip(obj)
+        if kind == "rule":
+            out["rule"].setdefault(obj["chain"], []).append(obj)
+            continue
+        if "elem" in obj:
+            obj["elem"] = sorted(obj["elem"], key=lambda e: json.dumps(e, sort_keys=True))
+        out[kind][obj["name"]] = obj
+    return out
+
+
+def test_demo_program_loads_and_lists_back(netns: Netns) -> None:
+    net = load_network(DEMO.read_text())
+    prog = compile_vpc(net, "vpc-demo")
+    netns.nft(batch=prog.full_sync_commands())
+    table = netns.table()
+    assert set(table["set"]) == {s.name for s in prog.sets}
+    assert set(table["map"]) == {m.name for m in prog.maps}
+    assert set(table["chain"]) == {c.name for c in prog.chains}
+    fwd = table["chain"]["forward"]
+    assert (fwd["type"], fwd["hook"], fwd["prio"], fwd["policy"]) == (
+        "filter",
+        "forward",
+        0,
+        "drop",
+    )
+    for chain in prog.chains:
+        listed = table["rule"].get(chain.name, [])
+        assert [r.get("comment", "") for r in listed] == [r.comment for r in chain.rules]
+    for s in prog.sets:
+        assert len(table["set"][s.name].get("elem", [])) == len(s.elements), s.name
+    # A second full sync of the same program changes nothing; nor does its diff.
+    netns.nft(batch=prog.full_sync_commands())
+    assert netns.table() == table
+    assert diff_programs(prog, compile_vpc(net, "vpc-demo")) == []
+    # Only our table exists: nothing else in the namespace was touched or created.
+    assert netns.nft("list", "tables").split() == ["table", "inet", "nftsg"]
+
+
+@pytest.mark.parametrize("name", sorted(EDITS))
+def test_diff_on_kernel_equals_full_sync(netns: Netns, name: str) -> None:
+    old, new = demo_programs(EDITS[name])
+    netns.nft(batch=old.full_sync_commands())
+    netns.nft(batch=diff_programs(old, new))
+    patched = netns.table()
+    netns.nft(batch=new.full_sync_commands())
+    assert patched == netns.table()
+    # And back.
+    netns.nft(batch=diff_programs(new, old))
+    back = netns.table()
+    netns.nft(batch=old.full_sync_commands())
+    assert back == netns.table()
+
+
+@pytest.mark.slow
+def test_scale_program_passes_the_kernel(netns: Netns) -> None:
+    net = load_network(json.dumps(scale_topology()))
+    prog = compile_vpc(net, "vpc-scale")
+    text = json.dumps(prog.to_json())
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        ["ip", "netns", "exec", netns.name, "nft", "-c", "-j", "-f", "-"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    check = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr[:2000]
+    t0 = time.perf_counter()
+    netns.nft(batch=prog.full_sync_commands())
+    load = time.perf_counter() - t0
+    print(f"\nscale: {len(text) / 1e6:.1f} MB JSON, nft -c {check:.1f}s, full load {load:.1f}s")
+    listed = netns.table()
+    assert len(listed["set"]) == len(prog.sets)
+    assert sum(len(r) for r in listed["rule"].values()) == sum(len(c.rules) for c in prog.chains)
+    # At this size an update costs what it changes: one ENI joins one more group.
+    topo = scale_topology()
+    inst = topo["instances"][0]
+    extra = next(
+        g["security_group_id"]
+        for g in topo["security_groups"]
+        if g["security_group_id"] not in inst["security_group_ids"]
+    )
+    inst["security_group_ids"].append(extra)
+    t0 = time.perf_counter()
+    new = compile_vpc(load_network(json.dumps(topo)), "vpc-scale")
+    diff = diff_programs(prog, new)
+    t1 = time.perf_counter()
+    netns.nft(batch=diff)
+    t2 = time.perf_counter()
+    print(
+        f"scale: join -> {len(diff)} commands (validate+compile+diff {t1 - t0:.2f}s), "
+        f"applied in {t2 - t1:.2f}s"
+    )
+    assert len(diff) < 200
