@@ -291,10 +291,9 @@ def _l4_payload(protocol: int, sport: int, dport: int, token: bytes) -> bytes:
     if protocol == 132:  # SCTP INIT, valid enough for conntrack's SCTP tracker
         init = struct.pack("!BBHIIHHI", 1, 0, 20, int.from_bytes(token[:4], "big") or 1,
                            65535, 1, 1, 1)
-        header = struct.pack("!HHII", sport, dport, 0, 0)
-        packet = header + init
-        csum = crc32c(packet)
-        return header + struct.pack("<I", csum) + init
+        ports_vtag = struct.pack("!HHI", sport, dport, 0)  # an INIT carries verification tag 0
+        csum = crc32c(ports_vtag + b"\0\0\0\0" + init)
+        return ports_vtag + struct.pack("<I", csum) + init  # CRC32c, little-endian on the wire
     return token  # any other protocol: the token is the whole payload
 
 

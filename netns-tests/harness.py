@@ -592,6 +592,13 @@ class _Stream:
     def stop_sending(self) -> None:
         self._stop.set()
 
+    def finish(self, timeout: float = 2.0) -> bool:
+        """Stop sending, then wait until everything sent has arrived (True) or `timeout`."""
+        self._stop.set()
+        if self._threads:
+            self._threads[0].join(timeout=timeout)
+        return self.wait_for(self.sent, timeout)
+
     def sequence(self) -> list[int]:
         return [seq for seq, _ in self.log.received]
 

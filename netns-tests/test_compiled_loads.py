@@ -1,7 +1,8 @@
 """The compiler's JSON against the real kernel: it loads, and diffs equal full syncs.
 
 Needs root and `nft`. Every namespace gets a unique random name and is deleted
-in the fixture's finalizer, whatever happens.
+in the fixture's finalizer, whatever happens (and carries the run prefix that
+conftest.py sweeps at session end).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class Netns:
 
 
 @pytest.fixture
-def netns() -> Iterator[Netns]:
-    name = f"ntc{secrets.token_hex(5)}"
+def netns(run_prefix: str) -> Iterator[Netns]:
+    name = f"{run_prefix}c{secrets.token_hex(4)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         yield Netns(name)
