@@ -37,6 +37,14 @@ _TRIM_AFTER_COMMANDS = 1000
 _T = TypeVar("_T")
 
 
+def _brief(text: str, limit: int = 600) -> str:
+    """libnftables echoes the whole JSON batch in its error text; keep logs readable."""
+    lines = [
+        line if len(line) <= limit else line[:limit] + " ..." for line in text.strip().splitlines()
+    ]
+    return "\n".join(lines[:8])
+
+
 class NftError(Exception):
     """An nft transaction, check or listing failed; nothing was changed.
 
@@ -292,7 +300,7 @@ class NftBackend:
                 what,
                 namespace,
                 rc,
-                error.strip(),
+                _brief(error),
             )
             raise NftError(
                 f"nft {what} failed",
