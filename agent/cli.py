@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except EcsError as error:
         print_error(error)
         return EXIT_ERROR
-    except lab_commands.LabCommandError as error:
+    except lab_commands.OPERATOR_ERRORS as error:
         print(f"nftsg: {error}", file=sys.stderr)
         return EXIT_ERROR
 

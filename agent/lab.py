@@ -39,6 +39,7 @@ re-added, so a second apply of the same model touches nothing.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -112,6 +113,11 @@ _HOST_SYSCTLS: dict[str, int] = {
     "net/ipv6/conf/default/accept_dad": 0,
     "net/ipv6/conf/all/accept_ra": 0,
     "net/ipv6/conf/default/accept_ra": 0,
+    # Removing the first IPv4 address of a subnet would otherwise remove every
+    # other address of that subnet with it (a changed primary address must not
+    # take the ENI's secondary addresses along).
+    "net/ipv4/conf/all/promote_secondaries": 1,
+    "net/ipv4/conf/default/promote_secondaries": 1,
 }
 
 
@@ -455,13 +461,19 @@ def _converge_addresses(
         if msg["scope"] != RT_SCOPE_UNIVERSE and key not in want:
             continue
         have.add(key)
-    for fam, addr, plen, idx in have - want:
-        ipr.addr("del", index=idx, address=addr, prefixlen=plen, family=fam)
+    # Add before deleting, so a changed primary address never leaves the
+    # interface without one (and secondaries get promoted, not dropped).
     for fam, addr, plen, idx in sorted(want - have):
         if fam == AF_INET:
             ipr.addr("add", index=idx, address=addr, prefixlen=plen, family=fam)
         else:
             ipr.addr("add", index=idx, address=addr, prefixlen=plen, family=fam, flags=flags)
+    for fam, addr, plen, idx in sorted(have - want):
+        try:
+            ipr.addr("del", index=idx, address=addr, prefixlen=plen, family=fam)
+        except NetlinkError as exc:
+            if exc.code != errno.EADDRNOTAVAIL:  # already gone with its primary
+                raise
 
 
 def _route_dumps(ipr: IPRoute) -> list[Any]:

@@ -22,14 +22,27 @@ from nftsg.translators.validate import build_network
 
 from . import netns
 from .lab import Lab
+from .labplan import LabError
+from .netns import NetnsError
+from .nft_backend import NftError
 from .settings import Settings, settings_from_env
-from .store import Store
+from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 
 class LabCommandError(Exception):
     """A lab command that cannot go on; the message says what to do."""
+
+
+# Errors that reach the operator as one clear line (exit 2), never a traceback.
+OPERATOR_ERRORS: tuple[type[Exception], ...] = (
+    LabCommandError,
+    LabError,
+    NetnsError,
+    StoreError,
+    NftError,
+)
 
 
 def require_root() -> None:

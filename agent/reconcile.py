@@ -12,6 +12,7 @@ lose no packet.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from nftsg.translators.compiler import compile_all
 from nftsg.translators.diff import diff_programs
+from nftsg.translators.errors import EcsError
 from nftsg.translators.evaluator import Flow, evaluate
 from nftsg.translators.network import Network
 from nftsg.translators.nft import Program
@@ -102,9 +104,11 @@ class Reconciler:
                     self.applied.pop(namespace, None)
                     raise
             self.applied[namespace] = program
-            if commands and old is not None and self.prune_flows is not None:
+            # A full sync prunes too: after a restart the kernel may still track
+            # flows that an older model allowed and the current one denies.
+            if commands and self.prune_flows is not None:
                 report.flows_cut[namespace] = self.prune_flows(
-                    namespace, lambda flow: evaluate(network, flow).verdict == "accept"
+                    namespace, functools.partial(still_allowed, network, vpc_id)
                 )
         return report
 
@@ -120,6 +124,16 @@ class Reconciler:
             log.warning("kernel table in %s differs from the applied program", namespace)
             self.applied.pop(namespace, None)
         return drifted
+
+
+def still_allowed(network: Network, vpc_id: str, flow: Flow) -> bool:
+    """Would the model accept this tracked flow as new? Anything the evaluator cannot
+    judge is cut: a failure never keeps a flow open."""
+    try:
+        return evaluate(network, flow, vpc_id=vpc_id).verdict == "accept"
+    except EcsError as exc:
+        log.warning("cutting flow %s the evaluator cannot judge: %s", flow, exc)
+        return False
 
 
 Summary = dict[str, object]
