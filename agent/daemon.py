@@ -120,7 +120,13 @@ class Agent:
 def run_forever(settings: Settings) -> int:
     agent = Agent(settings)
 
+    agent_pid = os.getpid()
+
     def _stop(signum: int, _frame: object) -> None:
+        # pyroute2 forks netns helpers that inherit this handler; only the agent
+        # itself stops (and logs) on a signal.
+        if os.getpid() != agent_pid:
+            os._exit(0)
         log.info("signal %s received", signum)
         agent.stop_event.set()
 

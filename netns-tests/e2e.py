@@ -231,9 +231,7 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
     return bool(predicate())
 
 
-def expected_check_count(
-    doc: dict[str, Any], tcp_ports: int = 5, udp_ports: int = 1
-) -> int:
+def expected_check_count(doc: dict[str, Any], tcp_ports: int = 5, udp_ports: int = 1) -> int:
     """How many probes `nftsg lab check` must run for a topology document: every ordered
     pair of hosts of the same VPC, once per family both have, ping + each TCP and UDP port."""
     vpc_of_vswitch = {
@@ -289,8 +287,9 @@ def _l4_payload(protocol: int, sport: int, dport: int, token: bytes) -> bytes:
     if protocol == 47:  # GRE version 0 carrying "IPv4" (never decapsulated: no tunnel here)
         return b"\x00\x00\x08\x00" + token
     if protocol == 132:  # SCTP INIT, valid enough for conntrack's SCTP tracker
-        init = struct.pack("!BBHIIHHI", 1, 0, 20, int.from_bytes(token[:4], "big") or 1,
-                           65535, 1, 1, 1)
+        init = struct.pack(
+            "!BBHIIHHI", 1, 0, 20, int.from_bytes(token[:4], "big") or 1, 65535, 1, 1, 1
+        )
         ports_vtag = struct.pack("!HHI", sport, dport, 0)  # an INIT carries verification tag 0
         csum = crc32c(ports_vtag + b"\0\0\0\0" + init)
         return ports_vtag + struct.pack("<I", csum) + init  # CRC32c, little-endian on the wire
@@ -298,8 +297,14 @@ def _l4_payload(protocol: int, sport: int, dport: int, token: bytes) -> bytes:
 
 
 def raw_probe(
-    src_ns: str, dst_ns: str, src: IPAddr, dst: IPAddr, protocol: int,
-    sport: int = 0, dport: int = 0, timeout: float = 0.3,
+    src_ns: str,
+    dst_ns: str,
+    src: IPAddr,
+    dst: IPAddr,
+    protocol: int,
+    sport: int = 0,
+    dport: int = 0,
+    timeout: float = 0.3,
 ) -> tuple[bool, str]:
     """One packet of IP protocol `protocol` from src to dst; ok when dst_ns receives it.
 
@@ -344,9 +349,7 @@ def namespace_of_address(lab: CliLab, network: Network, address: IPAddr) -> str:
     return lab.external_ns(ext.name)
 
 
-def probe_flow(
-    lab: CliLab, network: Network, flow: Flow, timeout: float = 0.3
-) -> tuple[bool, str]:
+def probe_flow(lab: CliLab, network: Network, flow: Flow, timeout: float = 0.3) -> tuple[bool, str]:
     """Send `flow` with real packets (its addresses, protocol and ports); True if it got through.
 
     TCP: handshake and data both ways; UDP: request and answer; ICMP echo in its
@@ -355,18 +358,33 @@ def probe_flow(
     src_ns = namespace_of_address(lab, network, flow.src_ip)
     dst_ns = namespace_of_address(lab, network, flow.dst_ip)
     if flow.protocol == 6:
-        p = probes.tcp_probe(src_ns, dst_ns, flow.dst_ip, flow.dport, sport=flow.sport,
-                             timeout=timeout, src=flow.src_ip)
+        p = probes.tcp_probe(
+            src_ns,
+            dst_ns,
+            flow.dst_ip,
+            flow.dport,
+            sport=flow.sport,
+            timeout=timeout,
+            src=flow.src_ip,
+        )
         return p.ok, p.error or "tcp round trip"
     if flow.protocol == 17:
-        p = probes.udp_probe(src_ns, dst_ns, flow.dst_ip, flow.dport, sport=flow.sport,
-                             timeout=timeout, src=flow.src_ip)
+        p = probes.udp_probe(
+            src_ns,
+            dst_ns,
+            flow.dst_ip,
+            flow.dport,
+            sport=flow.sport,
+            timeout=timeout,
+            src=flow.src_ip,
+        )
         return p.ok, p.error or "udp round trip"
     if flow.protocol == (1 if flow.version == 4 else 58):
         ok = probes.ping(src_ns, flow.dst_ip, timeout=timeout, src=flow.src_ip)
         return ok, "echo reply" if ok else "no echo reply"
-    return raw_probe(src_ns, dst_ns, flow.src_ip, flow.dst_ip, flow.protocol,
-                     flow.sport, flow.dport, timeout)
+    return raw_probe(
+        src_ns, dst_ns, flow.src_ip, flow.dst_ip, flow.protocol, flow.sport, flow.dport, timeout
+    )
 
 
 def flow_label(network: Network, flow: Flow) -> str:

@@ -1,7 +1,7 @@
 """`EnforcedLab`: a lab with nftsg enforcing it, driven in-process, for the scenario tests.
 
 One `EnforcedLab` is one lab (its own namespace prefix), one real nft backend,
-one conntrack pruner and one `Reconciler`, with no daemon in between:
+the daemon's conntrack pruner and one `Reconciler`, with no daemon in between:
 
     lab.up(topology)          build the model, create the VPC routers, enforce the
                               rules, then create the instances (rules are in force
@@ -26,17 +26,19 @@ import ipaddress
 import json
 import os
 import random
+import re
 import select
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from nftsg.agent import netns
-from nftsg.agent.conntrack import Conntracker, FlowEntry
+from nftsg.agent.conntrack import prune_flows
 from nftsg.agent.lab import Lab
 from nftsg.agent.nft_backend import NftBackend
 from nftsg.agent.probe import ProbeResult, ping_probe, tcp_probe, udp_probe
@@ -47,12 +49,14 @@ from nftsg.translators.network import Eni, IPAddress, Network
 from nftsg.translators.validate import build_network
 
 TABLE = "nftsg"
-# An expected drop costs its whole timeout; an expected pass returns at once.
+# An expected drop costs its whole timeout; an expected pass returns at once (the
+# pass timeout outlasts one TCP SYN retransmission, 1 s, for a loaded machine).
 DROP_TIMEOUT = 0.35
-PASS_TIMEOUT = 1.0
+PASS_TIMEOUT = 1.5
 
-Kind = Literal["ping", "tcp", "udp", "gre", "icmp-timestamp"]
-Family = Literal["ipv4", "ipv6"]
+# Probe kinds: "ping" (ICMP / ICMPv6 echo), "tcp", "udp", "gre", "icmp-timestamp".
+Kind = str
+Family = str  # "ipv4" | "ipv6"
 
 PROTO_TCP, PROTO_UDP, PROTO_GRE = 6, 17, 47
 PROTO_ICMP, PROTO_ICMPV6 = 1, 58
@@ -108,7 +112,9 @@ def instance(
     **more: Any,
 ) -> dict[str, Any]:
     """One instance of the file format (groups None: the VPC default group)."""
-    out: dict[str, Any] = {"instance_id": instance_id, "vswitch_id": vswitch, "private_ip_address": ip}
+    out: dict[str, Any] = {
+        "instance_id": instance_id, "vswitch_id": vswitch, "private_ip_address": ip,
+    }
     if groups is not None:
         out["security_group_ids"] = groups
     if ipv6 is not None:
@@ -118,17 +124,6 @@ def instance(
 
 
 # -- flows ---------------------------------------------------------------------
-
-
-def flow_of_entry(entry: FlowEntry) -> Flow:
-    """The evaluator's view of a conntrack entry's original direction."""
-    return Flow(
-        ipaddress.ip_address(entry.src),
-        ipaddress.ip_address(entry.dst),
-        entry.proto,
-        entry.dport,
-        entry.sport,
-    )
 
 
 def describe_side(side: SideDecision | None) -> str:
@@ -256,12 +251,11 @@ class EnforcedLab:
         self.table = table
         self.lab = Lab(prefix)
         self.backend = NftBackend()
-        self.conntrack = Conntracker()
         self.reconciler = Reconciler(
             self.backend,
             self.lab.router_ns,
             table=table,
-            prune_flows=self._prune,
+            prune_flows=prune_flows,  # the daemon's pruner
             namespace_exists=netns.exists,
         )
         self.network: Network | None = None
@@ -277,13 +271,9 @@ class EnforcedLab:
 
     def close(self) -> None:
         try:
-            self.conntrack.close()
             self.backend.close()
         finally:
             self.lab.destroy()
-
-    def _prune(self, namespace: str, allowed: Any) -> int:
-        return self.conntrack.prune(namespace, lambda entry: allowed(flow_of_entry(entry)))
 
     # -- model -> kernel -----------------------------------------------------------
     @staticmethod
@@ -307,6 +297,7 @@ class EnforcedLab:
         self.lab.apply(network)
         self.network = network
         self.reports.append(report)
+        self.assert_listable()
         return report
 
     def change(self, topo: dict[str, Any]) -> SyncReport:
@@ -317,7 +308,25 @@ class EnforcedLab:
         self.lab.apply(network)
         self.network = network
         self.reports.append(report)
+        self.assert_listable()
         return report
+
+    def assert_listable(self) -> None:
+        """`nft list table` works in every router: an operator can read the ruleset.
+
+        Run by the `nft` tool in a child process, because a ruleset that nft cannot
+        render makes libnftables abort, which must fail one test, not kill the run.
+        """
+        for vpc_id in self._net().vpcs:
+            done = subprocess.run(
+                ["ip", "netns", "exec", self.router(vpc_id),
+                 "nft", "list", "table", "inet", self.table],
+                capture_output=True, text=True, timeout=30, check=False,
+            )
+            assert done.returncode == 0, (
+                f"`nft list table inet {self.table}` fails in the router of {vpc_id} "
+                f"(rc {done.returncode}): {done.stderr.strip()[-300:]}"
+            )
 
     def router(self, vpc_id: str = VPC) -> str:
         return self.lab.router_ns(vpc_id)
@@ -468,16 +477,26 @@ class EnforcedLab:
         return json.dumps([sets[n] for n in sorted(sets) if n.startswith(name_prefix)])
 
     def rules_of(
-        self, eni_id: str, direction: Literal["ingress", "egress"], vpc_id: str = VPC
+        self, eni_id: str, direction: str, vpc_id: str = VPC, *, family: str | None = None
     ) -> dict[tuple[int, str], set[tuple[str, ...]]]:
         """The ENI's pooled rules as the kernel holds them (see `kernel_rule_elements`)."""
-        return kernel_rule_elements(self, eni_id, direction, vpc_id)
+        return kernel_rule_elements(self, eni_id, direction, vpc_id, family)
 
-    def default_verdict(self, eni_id: str, direction: Literal["ingress", "egress"]) -> str:
-        """The verdict of the last rule of the ENI's chain: its default for that direction."""
-        chain = ("out_" if direction == "egress" else "in_") + eni_id
-        last = self.kernel_rules(chain)[-1]["expr"]
-        return next(iter(last[-1]))
+    def bucket_order(self, eni_id: str, direction: str) -> list[tuple[int, str]]:
+        return kernel_bucket_order(self, eni_id, direction)
+
+    def enforced_ports(self, vpc_id: str = VPC) -> set[str]:
+        """Router ports whose traffic meets group rules (ENIs; external hosts are not)."""
+        return set(self.kernel_sets(vpc_id)["eni_ports"])
+
+    def default_verdict(self, eni_id: str, direction: str) -> str:
+        """What the kernel does with the ENI's traffic that no rule matches:
+        ingress: the chain's final verdict; egress: drop for ports of advanced groups,
+        else `return` (on to the receiver's side)."""
+        if direction == "ingress":
+            return next(iter(self.kernel_rules("ingress")[-1]["expr"][-1]))
+        advanced = self.eni(eni_id).ifname in self.kernel_sets()["advanced_ports"]
+        return "drop" if advanced else "return"
 
     # -- anti-spoofing -------------------------------------------------------------
     def send_udp_from(
@@ -505,7 +524,9 @@ class EnforcedLab:
             fam = socket.AF_INET if forged.version == 4 else socket.AF_INET6
             if add_address:
                 extra = {} if forged.version == 4 else {"flags": IFA_F_NODAD}
-                ipr.addr("add", index=index, address=str(forged), prefixlen=plen, family=fam, **extra)
+                ipr.addr(
+                    "add", index=index, address=str(forged), prefixlen=plen, family=fam, **extra
+                )
             try:
                 return _udp_oneway(src_ns, self.ns(dst), forged, d_ip, port, timeout)
             finally:
@@ -584,10 +605,6 @@ class _Stream:
                 return True
             time.sleep(0.005)
         return self.count() >= count
-
-    def max_gap(self, start: float, end: float) -> float:
-        times = [start] + [t for _, t in self.log.received if start <= t <= end] + [end]
-        return max(b - a for a, b in zip(times, times[1:], strict=False))
 
     def stop_sending(self) -> None:
         self._stop.set()
@@ -740,6 +757,15 @@ class UdpStream(_Stream):
 
 
 # -- the rules of one ENI as the kernel holds them -------------------------------------
+#
+# The layout is docs/dataplane.md's: VPC-wide rule sets per direction named
+# `<direction>_p<priority>_<a|d>_<v4|v6>_<protocol class>_<part>`, whose elements
+# are `port id . peer . dport . sport . local` (`port id . peer . local` for classes
+# without ports); an ENI's port id is its packet mark.
+# Everything that reads the layout is here, so the scenarios state rules in the
+# words of the model.
+
+_RULE_SET = re.compile(r"^(egress|ingress)_p(\d+)_([ad])_(v4|v6)_([a-z0-9]+)_(\d+)$")
 
 
 def _atom(atom: Any) -> str:
@@ -748,25 +774,52 @@ def _atom(atom: Any) -> str:
         return "*" if p["len"] == 0 else f"{p['addr']}/{p['len']}"
     if isinstance(atom, dict) and "range" in atom:
         lo, hi = atom["range"]
-        if str(lo) in ("0", "hopopt") and str(hi) in ("65535", "255"):
+        if (lo, hi) == (0, 65535):
             return "*"
         return f"{lo}-{hi}"
     return str(atom)
 
 
 def kernel_rule_elements(
-    lab: EnforcedLab, eni_id: str, direction: Literal["ingress", "egress"], vpc_id: str = VPC
+    lab: EnforcedLab, eni_id: str, direction: str, vpc_id: str = VPC, family: str | None = None
 ) -> dict[tuple[int, str], set[tuple[str, ...]]]:
     """(priority, "accept"|"drop") -> the elements (proto, peer, dport, sport, local) that
-    the kernel holds in that ENI's rule sets of that direction; "*" for a full range."""
-    head = ("out_" if direction == "egress" else "in_") + eni_id + "_p"
+    the kernel holds for that ENI in that direction; "*" for "any"."""
+    port_id = lab.eni(eni_id).port_id
     out: dict[tuple[int, str], set[tuple[str, ...]]] = {}
     for name, elems in lab.kernel_sets(vpc_id).items():
-        if not name.startswith(head):
+        m = _RULE_SET.match(name)
+        if m is None or m.group(1) != direction:
             continue
-        prio, policy, _fam, _part = name[len(head) :].split("_")
-        bucket = out.setdefault((int(prio), "drop" if policy == "d" else "accept"), set())
+        if family is not None and m.group(4) != {"ipv4": "v4", "ipv6": "v6"}[family]:
+            continue
+        proto = "*" if m.group(5) == "all" else m.group(5)
         for elem in elems:
-            inner = elem.get("elem", {}).get("val", elem) if "elem" in elem else elem
-            bucket.add(tuple(_atom(a) for a in inner["concat"]))
+            concat = elem["concat"]
+            if int(concat[0]) != port_id:
+                continue
+            fields = [_atom(a) for a in concat[1:]]
+            if len(fields) == 2:  # a protocol without ports: port id . peer . local
+                fields = [fields[0], "*", "*", fields[1]]
+            key = (int(m.group(2)), "drop" if m.group(3) == "d" else "accept")
+            out.setdefault(key, set()).add((proto, *fields))
     return out
+
+
+def kernel_bucket_order(
+    lab: EnforcedLab, eni_id: str, direction: str, vpc_id: str = VPC
+) -> list[tuple[int, str]]:
+    """(priority, policy) of the set lookups that hold elements of the ENI, in the order
+    the kernel's chain evaluates them."""
+    port_id = lab.eni(eni_id).port_id
+    sets = lab.kernel_sets(vpc_id)
+    order: list[tuple[int, str]] = []
+    for rule in lab.kernel_rules(direction, vpc_id):
+        refs = re.findall(r'"@([^"]+)"', json.dumps(rule["expr"]))
+        for ref in refs:
+            m = _RULE_SET.match(ref)
+            if m and any(int(e["concat"][0]) == port_id for e in sets.get(ref, [])):
+                key = (int(m.group(2)), "drop" if m.group(3) == "d" else "accept")
+                if not order or order[-1] != key:
+                    order.append(key)
+    return order

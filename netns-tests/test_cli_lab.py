@@ -104,16 +104,31 @@ def test_lab_exec_passes_the_exit_code_through(demo: CliLab) -> None:
     assert demo.run("lab", "exec", "i-web1", "--", "sh", "-c", "exit 7").returncode == 7
     assert demo.run("lab", "exec", "i-web1", "--", "true").returncode == 0
     # Real traffic from inside the namespaces, with the shell's /dev/tcp.
-    with listening(demo.instance_ns("i-web2"), "10.0.1.11", 22), listening(
-        demo.instance_ns("i-db1"), "10.0.3.10", 5432
+    with (
+        listening(demo.instance_ns("i-web2"), "10.0.1.11", 22),
+        listening(demo.instance_ns("i-db1"), "10.0.3.10", 5432),
     ):
         ssh = demo.run(
-            "lab", "exec", "i-bastion", "--", "timeout", "2", "bash", "-c",
+            "lab",
+            "exec",
+            "i-bastion",
+            "--",
+            "timeout",
+            "2",
+            "bash",
+            "-c",
             "exec 3<>/dev/tcp/10.0.1.11/22",
         )
         assert ssh.returncode == 0, describe(ssh)  # sg-web: 22 from sg-bastion
         db = demo.run(
-            "lab", "exec", "i-web1", "--", "timeout", "1", "bash", "-c",
+            "lab",
+            "exec",
+            "i-web1",
+            "--",
+            "timeout",
+            "1",
+            "bash",
+            "-c",
             "exec 3<>/dev/tcp/10.0.3.10/5432",
         )
         assert db.returncode == 124, describe(db)  # dropped silently: the connect hangs

@@ -103,8 +103,9 @@ def run_flows(lab: CliLab, network: Network, flows: list[Flow]) -> list[Result]:
 
 
 def still_disagrees(lab: CliLab, network: Network, flow: Flow) -> bool:
-    expected = evaluate(network, flow).verdict == "accept"
-    return probe_flow(lab, network, flow, TIMEOUT)[0] != expected
+    expected: bool = evaluate(network, flow).verdict == "accept"
+    observed, _detail = probe_flow(lab, network, flow, TIMEOUT)
+    return bool(observed) != expected
 
 
 # -- shrinking -----------------------------------------------------------------------
@@ -298,9 +299,7 @@ def test_lab_converges_from_one_random_model_to_the_next(lab: CliLab, tmp_path: 
         proc = lab.run("lab", "up", str(path))
         t_up = time.monotonic() - t0
         if proc.returncode != 0:
-            failures.append(
-                f"lab up seed {seed} over seed {previous} failed:\n{describe(proc)}"
-            )
+            failures.append(f"lab up seed {seed} over seed {previous} failed:\n{describe(proc)}")
             fresh_up(lab, path)  # go on from a clean lab
         else:
             _, network, results, line = probe_seed(lab, seed)

@@ -24,7 +24,6 @@ from harness import (
     instance,
     topology,
 )
-
 from nftsg.agent import netns
 from nftsg.translators.errors import EcsError
 from nftsg.translators.evaluator import Flow, evaluate
@@ -95,8 +94,8 @@ def test_replies_pass_although_the_servers_egress_denies_everything(lab: Enforce
 def _udp_refused(lab: EnforcedLab, src: str, dst: str, port: int, family: str) -> bool:
     """A datagram to a port nobody listens on; True when the ICMP port-unreachable
     error made it back (the connected socket reports ECONNREFUSED)."""
-    d_ip = lab.address(dst, family)  # type: ignore[arg-type]
-    s_ip = lab.address(src, family)  # type: ignore[arg-type]
+    d_ip = lab.address(dst, family)
+    s_ip = lab.address(src, family)
     fam = socket.AF_INET if d_ip.version == 4 else socket.AF_INET6
     sock = netns.run_in(lab.ns(src), lambda: socket.socket(fam, socket.SOCK_DGRAM))
     try:
@@ -142,6 +141,54 @@ def test_icmp_errors_related_to_an_allowed_flow_pass(lab: EnforcedLab) -> None:
         # server's egress would drop as a new flow; as a related error it passes.
         assert _udp_refused(lab, ext, "i-srv", 7000, family), f"no ICMP error back ({family})"
         assert not _udp_refused(lab, ext, "i-srv", 7001, family), f"{family} 7001 got through"
+    lab.assert_second_sync_is_noop()
+
+
+def test_drops_are_silent_no_reset_and_no_icmp_error(lab: EnforcedLab) -> None:
+    lab.up(
+        topology(
+            security_groups=[
+                {"security_group_id": "sg-srv",
+                 "permissions": [
+                     {"direction": "ingress", "ip_protocol": "TCP", "port_range": "1/1000",
+                      "source_cidr_ip": "0.0.0.0/0"},
+                     {"direction": "ingress", "ip_protocol": "TCP", "port_range": "25/25",
+                      "source_cidr_ip": "0.0.0.0/0", "policy": "drop"},
+                 ]},
+            ],
+            instances=[instance("i-srv", "10.0.1.10", ["sg-srv"])],
+            external_hosts=[INTERNET],
+        )
+    )
+    assert lab.rules_of("eni-srv", "ingress") == {
+        (1, "accept"): {("tcp", "*", "1-1000", "*", "*")},
+        (1, "drop"): {("tcp", "*", "25", "*", "*")},
+    }
+    assert lab.network is not None
+
+    def connect(port: int) -> str:
+        sock = netns.run_in(lab.ns("internet"), lambda: socket.socket())
+        try:
+            sock.settimeout(DROP_TIMEOUT)
+            sock.connect(("10.0.1.10", port))
+            return "connected"
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "timed out"
+        finally:
+            sock.close()
+
+    # Nobody listens on i-srv: an allowed port answers with a reset...
+    assert evaluate(lab.network, Flow(lab.address("internet"), lab.address("i-srv"), 6, 24,
+                                      40000)).verdict == "accept"
+    assert connect(24) == "refused"
+    # ... a port dropped by a rule or by the default says nothing at all.
+    for port in (25, 2000):
+        assert evaluate(lab.network, Flow(lab.address("internet"), lab.address("i-srv"), 6, port,
+                                          40000)).verdict == "drop"
+        assert connect(port) == "timed out"
+    assert not _udp_refused(lab, "internet", "i-srv", 53, "ipv4")
     lab.assert_second_sync_is_noop()
 
 
@@ -329,7 +376,7 @@ def test_leaving_the_referenced_group_cuts_the_flow_and_rejoining_revives_it(
         assert stream.wait_for(25, 2.0)
         lab.change(topo(["sg-other"]))  # ModifyNetworkInterfaceAttribute: a new group list
         cut_at = time.monotonic()
-        assert "2001:db8:1:1::20" not in lab.elements_text("in_eni-db_")
+        assert "2001:db8:1:1::20" not in str(lab.rules_of("eni-db", "ingress"))
         _assert_cut(stream, cut_at, "flow of an ENI that left the referenced group")
         lab.expect("i-app", "i-db", "tcp", 5432, family="ipv6", allowed=False)
 
@@ -388,6 +435,40 @@ def test_sessions_are_tracked_for_at_most_910_seconds_idle(lab: EnforcedLab) -> 
     match = re.search(r"^tcp\s+6\s+(\d+)\s+ESTABLISHED", listing, re.M)
     assert match, f"no established entry for the flow in the router:\n{listing}"
     assert int(match.group(1)) <= 910, f"an idle established session lives {match.group(1)} s"
+    lab.assert_second_sync_is_noop()
+
+
+def test_removing_a_prefix_list_entry_cuts_flows_from_that_range(lab: EnforcedLab) -> None:
+    def topo(entries: list[str]) -> dict[str, Any]:
+        return topology(
+            prefix_lists=[{"prefix_list_id": "pl-partners", "address_family": "IPv4",
+                           "max_entries": 5, "entries": entries}],
+            security_groups=[
+                {"security_group_id": "sg-api",
+                 "permissions": [{"direction": "ingress", "ip_protocol": "UDP",
+                                  "port_range": "8125/8125",
+                                  "source_prefix_list_id": "pl-partners"}]},
+            ],
+            instances=[instance("i-api", "10.0.1.10", ["sg-api"])],
+            external_hosts=[OFFICE, INTERNET],
+        )
+
+    lab.up(topo(["198.51.100.0/24", "203.0.113.0/24"]))
+    office = UdpStream(lab.ns("office"), lab.ns("i-api"), lab.address("office"),
+                       lab.address("i-api"), 8125)
+    try:
+        assert office.wait_for(25, 2.0)
+        report = lab.change(topo(["203.0.113.0/24"]))
+        cut_at = time.monotonic()
+        assert not any(report.full.values())
+        assert lab.rules_of("eni-api", "ingress") == {
+            (1, "accept"): {("udp", "203.0.113.0/24", "8125", "*", "*")}
+        }
+        _assert_cut(office, cut_at, "flow from a removed prefix-list entry")
+    finally:
+        office.close()
+    lab.expect("office", "i-api", "udp", 8125, allowed=False)
+    lab.expect("internet", "i-api", "udp", 8125, allowed=True)
     lab.assert_second_sync_is_noop()
 
 
@@ -462,7 +543,12 @@ def test_a_rejected_change_leaves_rules_and_traffic_as_they_were(lab: EnforcedLa
     too_many["instances"][0]["security_group_ids"] = ["sg-srv"] + [f"sg-x{i}" for i in range(10)]
     bare_port = _service(True, extra=({"direction": "ingress", "ip_protocol": "TCP",
                                        "port_range": "22", "source_cidr_ip": "0.0.0.0/0"},))
+    ref_advanced = _service(True, extra=({"direction": "ingress", "ip_protocol": "TCP",
+                                          "port_range": "22/22", "source_group_id": "sg-ent"},))
+    ref_advanced["security_groups"].append(
+        {"security_group_id": "sg-ent", "vpc_id": "vpc-t", "security_group_type": "enterprise"})
     for bad, code in ((mixed, "InvalidSecurityGroupType.Mixed"),
+                      (ref_advanced, "InvalidGroupAuthParameter.OperationDenied"),
                       (too_many, "InstanceSecurityGroupLimitExceeded"),
                       (bare_port, "InvalidPortRange.Malformed")):
         with pytest.raises(EcsError) as caught:

@@ -51,6 +51,27 @@ def add_rule(t: Topo) -> None:
     )
 
 
+def add_rule_in_bucket(t: Topo) -> None:
+    # Ingress, priority 10, accept, TCP, IPv4: that bucket already exists (sg-web's 80/443).
+    _group(t, "sg-web")["permissions"].append(
+        {
+            "direction": "ingress",
+            "ip_protocol": "TCP",
+            "port_range": "8443/8443",
+            "source_cidr_ip": "0.0.0.0/0",
+            "priority": 10,
+        }
+    )
+
+
+def remove_rule_in_bucket(t: Topo) -> None:
+    del _group(t, "sg-web")["permissions"][2]  # 443; the 80 rule keeps the bucket
+
+
+def move_rule_between_buckets(t: Topo) -> None:
+    _group(t, "sg-web")["permissions"][2]["priority"] = 1  # 10 -> 1: both buckets exist
+
+
 def remove_rule(t: Topo) -> None:
     del _group(t, "sg-bastion")["permissions"][1]
 
@@ -97,6 +118,9 @@ EDITS: dict[str, Callable[[Topo], None]] = {
         add_rule,
         remove_rule,
         change_priority,
+        add_rule_in_bucket,
+        remove_rule_in_bucket,
+        move_rule_between_buckets,
         join_group,
         leave_group,
         inner_policy,
@@ -235,7 +259,8 @@ class FakeTable:
                     if verb == "add":
                         if k in elems:
                             raise BatchError(f"map element {k} exists in {name}")
-                        if e[1]["jump"]["target"] not in chains:
+                        jump = e[1].get("jump") if isinstance(e[1], dict) else None
+                        if jump is not None and jump["target"] not in chains:
                             raise BatchError("map element jumps to a missing chain")
                         elems[k] = e[1]
                     elif elems.pop(k, None) is None:
@@ -298,7 +323,7 @@ def test_diff_applied_equals_full_sync(name: str) -> None:
 
 
 def test_fake_table_catches_a_misordered_batch() -> None:
-    old, new = demo_programs(remove_eni)
+    old, new = demo_programs(leave_group)
     diff = diff_programs(old, new)
     deletes = [c for c in diff if "delete" in c and "chain" in c["delete"]]
     assert deletes
@@ -308,18 +333,36 @@ def test_fake_table_catches_a_misordered_batch() -> None:
         t.apply(deletes + [c for c in diff if c not in deletes])
 
 
-def test_membership_change_of_referenced_group_is_element_only_elsewhere() -> None:
-    # i-app1 joins sg-bastion, which sg-web, sg-app and sg-db reference.
+def _element_ports(commands: list[dict[str, Any]], prefix: str) -> set[int]:
+    """The port ids (first field) of the elements the commands add to or delete from
+    the rule sets whose names start with `prefix`."""
+    out: set[int] = set()
+    for c in commands:
+        ((_verb, body),) = c.items()
+        obj = body.get("element")
+        if obj and obj["name"].startswith(prefix):
+            out.update(e["concat"][0] for e in obj["elem"])
+    return out
+
+
+def _port_ids(*eni_ids: str) -> set[int]:
+    net = load_network(DEMO.read_text())
+    return {net.enis[e].port_id for e in eni_ids}
+
+
+def test_membership_change_is_element_only_but_for_the_enis_intra_chain() -> None:
+    # i-app1 joins sg-bastion (basic, Accept), which sg-web, sg-app and sg-db reference.
     old, new = demo_programs(join_group)
-    touched = _touched(diff_programs(old, new))
-    structural = [t for t in touched if t[1] != "element"]
-    assert structural and all("eni-app1" in name for _, _, name in structural)
+    diff = diff_programs(old, new)
+    touched = _touched(diff)
+    structural = {(verb, kind, name) for verb, kind, name in touched if kind != "element"}
+    # The only non-element change: app1 now has an Accept group, so an intra chain.
+    assert structural == {("add", "chain", "intra_eni-app1"), ("add", "rule", "intra_eni-app1")}
     elements = {name for verb, kind, name in touched if kind == "element"}
-    # The referencing ENIs' ssh buckets gained app1's address; nothing else changed for them.
+    # The referencing ENIs' ssh bucket gained app1's address; app1 gained sg-bastion's rules.
     assert {
-        "in_eni-web1_p1_a_v4_0",
-        "in_eni-web2_p1_a_v4_0",
-        "in_eni-db1_p1_a_v4_0",
+        "ingress_p1_a_v4_tcp_0",
+        "ingress_p2_d_v4_tcp_0",
         "intra_sg-bastion",
         "intra_dispatch",
     } <= elements
@@ -329,9 +372,29 @@ def test_membership_change_of_referenced_group_is_element_only_elsewhere() -> No
 def test_leaving_a_referenced_group_deletes_only_elements_of_others() -> None:
     old, new = demo_programs(leave_group)
     touched = _touched(diff_programs(old, new))
-    assert all(kind == "element" for _, kind, name in touched if "eni-web2" not in name)
-    assert ("delete", "element", "in_eni-app1_p1_a_v4_0") in touched
+    assert all(kind == "element" for _, kind, name in touched if name != "intra_eni-web2")
+    assert ("delete", "element", "ingress_p1_a_v4_tcp_0") in touched
     assert ("delete", "element", "intra_sg-web") in touched
+
+
+def test_membership_change_without_accept_groups_is_element_only() -> None:
+    for edit in (add_eni, remove_eni):
+        old, new = demo_programs(edit if edit is remove_eni else _add_db_eni)
+        assert {kind for _, kind, _ in _touched(diff_programs(old, new))} == {"element"}
+
+
+def _add_db_eni(t: Topo) -> None:
+    # sg-db is a Drop group: no intra chain for the new ENI.
+    db1 = _instance(t, "i-db1")
+    head, last = db1["private_ip_address"].rsplit(".", 1)
+    t["instances"].append(
+        {
+            "instance_id": "i-db2",
+            "vswitch_id": db1["vswitch_id"],
+            "private_ip_address": f"{head}.{int(last) + 1}",
+            "security_group_ids": ["sg-db"],
+        }
+    )
 
 
 def test_prefix_list_change_is_element_only() -> None:
@@ -339,19 +402,36 @@ def test_prefix_list_change_is_element_only() -> None:
     touched = _touched(diff_programs(old, new))
     assert {kind for _, kind, _ in touched} == {"element"}
     assert {name for _, _, name in touched} == {
-        "in_eni-bastion_p1_a_v4_0",
-        "in_eni-web1_p50_a_v4_0",
-        "in_eni-web2_p50_a_v4_0",
+        "ingress_p1_a_v4_tcp_0",
+        "ingress_p50_a_v4_icmp_0",
     }
 
 
-def test_rule_change_touches_only_the_groups_enis() -> None:
+@pytest.mark.parametrize(
+    "edit", [add_rule_in_bucket, remove_rule_in_bucket, move_rule_between_buckets]
+)
+def test_rule_change_within_existing_buckets_is_element_only(
+    edit: Callable[[Topo], None],
+) -> None:
+    old, new = demo_programs(edit)
+    diff = diff_programs(old, new)
+    touched = _touched(diff)
+    assert touched and {kind for _, kind, _ in touched} == {"element"}, touched
+    # Only the elements of the group's members (sg-web: web1, web2) change.
+    assert _element_ports(diff, "ingress_") == _port_ids("eni-web1", "eni-web2")
+
+
+def test_rule_change_making_a_new_bucket_adds_a_set_and_rewrites_one_small_chain() -> None:
     for edit in (add_rule, change_priority):
         old, new = demo_programs(edit)
         touched = _touched(diff_programs(old, new))
-        assert touched
-        assert all(("eni-web1" in n or "eni-web2" in n) for _, _, n in touched), touched
-        assert ("flush", "chain", "in_eni-web1") in touched
+        structural = {(v, k, n) for v, k, n in touched if k not in ("element", "rule")}
+        new_sets = {n for v, k, n in structural if (v, k) == ("add", "set")}
+        assert len(new_sets) == 1 and structural == {("flush", "chain", "ingress")} | {
+            ("add", "set", n) for n in new_sets
+        }
+        assert {n for _, k, n in touched if k == "rule"} == {"ingress"}
+        assert len(new.chain_by_name["ingress"].rules) < 20
 
 
 def test_inner_policy_change_touches_only_intra_objects() -> None:

@@ -3,11 +3,13 @@
 Pure and deterministic: the output depends on the model's content, never on the
 order of its dicts. Only ids and numbers reach the program.
 
-Cost: a bucket (one priority and policy of one direction, one family) is a
-function of the groups that contribute rules to it, not of the ENI, so its
-split into parts is cached under that group signature and reused by every ENI
-whose groups give the same bucket. Addresses, ports and protocols are int
-spans; overlap checks use an index on the peer CIDR, not all pairs.
+Rules live in VPC-wide sets keyed by the ENI's port id (the packet mark), so a
+rule or membership change is an element change. Cost: the elements an ENI
+contributes to a bucket (one priority, policy, family and protocol class of one
+direction) are a function of the groups that contribute rules to it, not of the
+ENI, so their split into parts is cached under that group signature and reused
+by every ENI whose groups give the same bucket. Addresses, ports and protocols
+are int spans; overlap checks use an index on the peer CIDR, not all pairs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from .nft import (
     Concat,
     Ct,
     Key,
+    Mangle,
+    MapData,
+    MapLookup,
     Match,
     Meta,
     NftChain,
@@ -43,7 +48,6 @@ from .nft import (
     Program,
     SetRef,
     Span,
-    Verdict,
     VerdictMap,
     cyclic_gc_paused,
     jump,
@@ -59,10 +63,34 @@ _SHORT = {"ipv4": "v4", "ipv6": "v6"}
 _ADDR_TYPE = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
 _L3 = {"ipv4": "ip", "ipv6": "ip6"}
 IFNAME = ("ifname",)
+# Five fields, not six: nftables 1.0.6 packs a concatenation's field types 6 bits
+# each into 32 bits, so a sixth field garbles every listing of the set (the kernel
+# still matches right). The protocol is therefore matched before the lookup
+# (`meta l4proto N`), one set per protocol class.
+# Port-less classes (ICMP, ICMPv6, GRE, ALL: their rules match every port) have no
+# port fields: nft 1.0.6 cannot list `meta l4proto gre ... th dport` back (it
+# aborts) and lists ICMP's as `icmp checksum`.
 RULE_SET_TYPE = {
-    fam: ("inet_proto", _ADDR_TYPE[fam], "inet_service", "inet_service", _ADDR_TYPE[fam])
+    (fam, ported): (
+        ("mark", _ADDR_TYPE[fam], "inet_service", "inet_service", _ADDR_TYPE[fam])
+        if ported
+        else ("mark", _ADDR_TYPE[fam], _ADDR_TYPE[fam])
+    )
     for fam in FAMILIES
+    for ported in (True, False)
 }
+# Protocol classes of the rule sets, in chain order; ALL is matched without `meta l4proto`.
+PROTO_CLASSES: dict[str, str] = {
+    "TCP": "tcp",
+    "UDP": "udp",
+    "ICMP": "icmp",
+    "ICMPv6": "icmpv6",
+    "GRE": "gre",
+    "ALL": "all",
+}
+_CLASS_RANK = {c: i for i, c in enumerate(PROTO_CLASSES.values())}
+_CLASS_PROTO = {PROTO_CLASSES[p]: n for p, n in PROTOCOL_NUMBERS.items()}
+_PORTED_CLASSES = frozenset({"tcp", "udp"})
 INTERVAL = ("interval",)
 
 ALL_PROTOS = Span(0, 255)
@@ -71,8 +99,12 @@ ALL_ADDRS = {fam: Span(0, (1 << bits) - 1) for fam, bits in _BITS.items()}
 
 _NFPROTO = {fam: Match(Meta("nfproto"), fam) for fam in FAMILIES}
 
-# Bucket order inside a chain: priority ascending, drop before accept, ipv4 first.
+# Bucket order inside a chain: priority ascending, drop before accept, ipv4 first,
+# then protocol class (the last two only for a stable order: same verdict).
 _POLICY_RANK = {"drop": 0, "accept": 1}
+_DIRECTIONS = ("egress", "ingress")
+# (priority, policy, family, protocol class)
+BucketKey = tuple[int, str, str, str]
 
 
 # A rule-set element: (proto, peer, dport, sport, local).
@@ -81,9 +113,10 @@ RuleKey = tuple[Span, Span, Span, Span, Span]
 
 @dataclass(frozen=True, slots=True)
 class _Bucket:
-    """The compiled content of one (direction, priority, policy, family) of one group list."""
+    """One ENI's share of one (direction, priority, policy, family, class) bucket: it
+    depends only on the ENI's contributing groups (the port id is added later)."""
 
-    parts: tuple[tuple[RuleKey, ...], ...]  # at least one part, possibly empty
+    parts: tuple[tuple[RuleKey, ...], ...]  # no two elements of one part overlap
     rule_ids: tuple[str, ...]
 
 
@@ -164,16 +197,11 @@ class _Compiler:
         )
         self._net_spans: dict[int, tuple[IPNetwork, Span]] = {}
         self._member_spans: dict[tuple[str, str], tuple[Span, ...]] = {}
-        # group id -> direction -> (priority, policy, family) -> (keys, rule ids)
+        # group id -> direction -> bucket key -> (keys, rule ids)
         self._group_buckets: dict[
-            str, dict[str, dict[tuple[int, str, str], tuple[set[RuleKey], list[str]]]]
+            str, dict[str, dict[BucketKey, tuple[set[RuleKey], list[str]]]]
         ] = {}
         self._bucket_cache: dict[tuple[object, ...], _Bucket] = {}
-        self._lookup_expr = {
-            (direction, fam): self._lookup(direction, fam)
-            for direction in ("egress", "ingress")
-            for fam in FAMILIES
-        }
 
     # ----------------------------------------------------------------- elements
 
@@ -235,23 +263,22 @@ class _Compiler:
 
     def group_buckets(
         self, group: SecurityGroup
-    ) -> dict[str, dict[tuple[int, str, str], tuple[set[RuleKey], list[str]]]]:
+    ) -> dict[str, dict[BucketKey, tuple[set[RuleKey], list[str]]]]:
         got = self._group_buckets.get(group.group_id)
         if got is None:
             got = {"egress": {}, "ingress": {}}
             for rule in group.rules:
+                cls = PROTO_CLASSES[rule.protocol]
                 for fam in self.rule_families(rule):
                     keys, ids = got[rule.direction].setdefault(
-                        (rule.priority, rule.policy, fam), (set(), [])
+                        (rule.priority, rule.policy, fam, cls), (set(), [])
                     )
                     keys.update(self.rule_keys(rule, fam))
                     ids.append(rule.rule_id)
             self._group_buckets[group.group_id] = got
         return got
 
-    def bucket(
-        self, direction: str, bkey: tuple[int, str, str], groups: Sequence[SecurityGroup]
-    ) -> _Bucket:
+    def bucket(self, direction: str, bkey: BucketKey, groups: Sequence[SecurityGroup]) -> _Bucket:
         """The bucket pooled from `groups` (those that have rules in it), cached by signature."""
         contributing = [g for g in groups if bkey in self.group_buckets(g)[direction]]
         sig = (direction, bkey, tuple(g.group_id for g in contributing))
@@ -263,7 +290,7 @@ class _Compiler:
                 gkeys, gids = self.group_buckets(g)[direction][bkey]
                 keys |= gkeys
                 ids.update(gids)
-            parts = split_parts(keys) or [[]]
+            parts = split_parts(keys)
             cached = _Bucket(tuple(tuple(p) for p in parts), tuple(sorted(ids)))
             self._bucket_cache[sig] = cached
         return cached
@@ -271,51 +298,85 @@ class _Compiler:
     # ----------------------------------------------------------------- chains
 
     @staticmethod
-    def _lookup(direction: str, fam: str) -> Concat:
+    def _lookup(direction: str, fam: str, ported: bool) -> Concat:
         l3 = _L3[fam]
         peer, local = ("daddr", "saddr") if direction == "egress" else ("saddr", "daddr")
-        return Concat(
-            (
-                Meta("l4proto"),
-                Payload(l3, peer),
-                Payload("th", "dport"),
-                Payload("th", "sport"),
-                Payload(l3, local),
-            )
-        )
+        ports = (Payload("th", "dport"), Payload("th", "sport")) if ported else ()
+        return Concat((Meta("mark"), Payload(l3, peer), *ports, Payload(l3, local)))
 
-    def rule_chain(self, eni: Eni, direction: str, sets: list[NftSet]) -> NftChain:
-        """`out_<eni>` / `in_<eni>`: one lookup per (bucket, family, part), then the default."""
-        groups = sorted((self.net.groups[g] for g in set(eni.group_ids)), key=lambda g: g.group_id)
-        bkeys: set[tuple[int, str, str]] = set()
-        for g in groups:
+    def rule_chain(self, direction: str, sets: list[NftSet]) -> NftChain:
+        """`egress` / `ingress`: set the port id, one lookup per VPC-wide (bucket, family,
+        class, part), then the default."""
+        vpc_groups = [
+            g
+            for g in sorted(self.net.groups.values(), key=lambda g: g.group_id)
+            if g.vpc_id == self.vpc_id
+        ]
+        bkeys: set[BucketKey] = set()
+        for g in vpc_groups:
             bkeys.update(self.group_buckets(g)[direction])
-        prefix = ("out_" if direction == "egress" else "in_") + eni.eni_id
-        rules: list[NftRule] = []
-        for bkey in sorted(bkeys, key=lambda b: (b[0], _POLICY_RANK[b[1]], b[2])):
-            prio, policy, fam = bkey
-            bucket = self.bucket(direction, bkey, groups)
+        # bucket key -> part -> elements (port id . peer . dport . sport . local)
+        elements: dict[BucketKey, list[list[Key]]] = {b: [[]] for b in bkeys}
+        for eni in self.enis:
+            groups = sorted(
+                (self.net.groups[g] for g in set(eni.group_ids)), key=lambda g: g.group_id
+            )
+            mine: set[BucketKey] = set()
+            for g in groups:
+                mine.update(self.group_buckets(g)[direction])
+            pid = Span(eni.port_id, eni.port_id)
+            for bkey in mine:
+                parts = elements[bkey]
+                ported = bkey[3] in _PORTED_CLASSES
+                for k, part in enumerate(self.bucket(direction, bkey, groups).parts):
+                    if k == len(parts):
+                        parts.append([])
+                    if ported:
+                        parts[k].extend((pid, *key[1:]) for key in part)
+                    else:  # the port fields are always 0-65535 here
+                        parts[k].extend((pid, key[1], key[4]) for key in part)
+
+        port = Meta("iifname" if direction == "egress" else "oifname")
+        rules: list[NftRule] = [
+            NftRule(
+                (Mangle(Meta("mark"), MapLookup(port, SetRef("port_ids"))),),
+                f"port id of the {port.key}",
+            )
+        ]
+        lookups = {
+            (fam, ported): self._lookup(direction, fam, ported)
+            for fam in FAMILIES
+            for ported in (True, False)
+        }
+        for bkey in sorted(
+            bkeys, key=lambda b: (b[0], _POLICY_RANK[b[1]], b[2], _CLASS_RANK[b[3]])
+        ):
+            prio, policy, fam, cls = bkey
             verdict = DROP if policy == "drop" else RETURN
-            base = f"{prefix}_p{prio}_{policy[0]}_{_SHORT[fam]}"
-            comment = safe_comment(" ".join(bucket.rule_ids))
-            for k, part in enumerate(bucket.parts):
+            base = f"{direction}_p{prio}_{policy[0]}_{_SHORT[fam]}_{cls}"
+            head: tuple[Match, ...] = (_NFPROTO[fam],)
+            if cls in _CLASS_PROTO:
+                head += (Match(Meta("l4proto"), _CLASS_PROTO[cls]),)
+            for k, elems in enumerate(elements[bkey]):
                 name = f"{base}_{k}"
-                sets.append(NftSet(name, RULE_SET_TYPE[fam], part, INTERVAL))
+                ported = cls in _PORTED_CLASSES
+                sets.append(make_set(name, RULE_SET_TYPE[(fam, ported)], elems, INTERVAL))
                 rules.append(
                     NftRule(
-                        (
-                            _NFPROTO[fam],
-                            Match(self._lookup_expr[(direction, fam)], SetRef(name)),
-                            verdict,
-                        ),
-                        comment,
+                        (*head, Match(lookups[(fam, ported)], SetRef(name)), verdict),
+                        f"p{prio} {policy} {fam} {cls} part {k}",
                     )
                 )
-        advanced = any(not g.is_basic for g in groups)
-        default = DROP if direction == "ingress" or advanced else RETURN
-        kind = "advanced" if advanced else "basic"
-        rules.append(NftRule((default,), safe_comment(f"default {direction} {kind} {eni.eni_id}")))
-        return NftChain(prefix, tuple(rules))
+        if direction == "egress":
+            rules.append(
+                NftRule(
+                    (Match(Meta("iifname"), SetRef("advanced_ports")), DROP),
+                    "default egress advanced",
+                )
+            )
+        else:
+            rules.append(NftRule((DROP,), "default ingress"))
+        return NftChain(direction, tuple(rules))
 
     # ----------------------------------------------------------------- program
 
@@ -333,6 +394,18 @@ class _Compiler:
                 fam = "ipv4" if a.version == 4 else "ipv6"
                 port_addrs[fam].add((p.ifname, Span(int(a), int(a))))
         sets.append(make_set("ports", IFNAME, ports))
+        sets.append(make_set("eni_ports", IFNAME, ((e.ifname,) for e in self.enis)))
+        sets.append(
+            make_set(
+                "advanced_ports",
+                IFNAME,
+                (
+                    (e.ifname,)
+                    for e in self.enis
+                    if any(not self.net.groups[g].is_basic for g in e.group_ids)
+                ),
+            )
+        )
         for fam in FAMILIES:
             sets.append(
                 make_set(f"port_addrs_{_SHORT[fam]}", ("ifname", _ADDR_TYPE[fam]), port_addrs[fam])
@@ -356,10 +429,10 @@ class _Compiler:
             )
         accept_groups = set(intra_groups)
 
-        intra: dict[Key, Verdict] = {}
-        egress: dict[Key, Verdict] = {}
-        ingress: dict[Key, Verdict] = {}
+        intra: dict[Key, MapData] = {}
+        port_ids: dict[Key, MapData] = {}
         for eni in self.enis:
+            port_ids[(eni.ifname,)] = eni.port_id
             mine = sorted(set(eni.group_ids) & accept_groups)
             if mine:
                 chains.append(
@@ -375,14 +448,11 @@ class _Compiler:
                     )
                 )
                 intra[(eni.ifname,)] = jump(f"intra_{eni.eni_id}")
-            chains.append(self.rule_chain(eni, "egress", sets))
-            chains.append(self.rule_chain(eni, "ingress", sets))
-            egress[(eni.ifname,)] = jump(f"out_{eni.eni_id}")
-            ingress[(eni.ifname,)] = jump(f"in_{eni.eni_id}")
+        for direction in _DIRECTIONS:
+            chains.append(self.rule_chain(direction, sets))
         maps = [
             make_map("intra_dispatch", IFNAME, intra),
-            make_map("egress_dispatch", IFNAME, egress),
-            make_map("ingress_dispatch", IFNAME, ingress),
+            make_map("port_ids", IFNAME, port_ids, "mark"),
         ]
         chains.append(forward_chain())
         return Program("inet", self.table, tuple(sets), tuple(maps), tuple(chains))
@@ -419,8 +489,10 @@ def forward_chain() -> NftChain:
                 "conntrack",
             ),
             NftRule((VerdictMap(Meta("oifname"), SetRef("intra_dispatch")),), "intra-group"),
-            NftRule((VerdictMap(Meta("iifname"), SetRef("egress_dispatch")),), "sender egress"),
-            NftRule((VerdictMap(Meta("oifname"), SetRef("ingress_dispatch")),), "receiver ingress"),
+            NftRule((Match(Meta("iifname"), SetRef("eni_ports")), jump("egress")), "sender egress"),
+            NftRule(
+                (Match(Meta("oifname"), SetRef("eni_ports")), jump("ingress")), "receiver ingress"
+            ),
             NftRule((Match(Meta("oifname"), SetRef("ports")), ACCEPT), "known ports"),
         ),
         BaseHook("filter", "forward", 0, "drop"),

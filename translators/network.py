@@ -141,7 +141,9 @@ class Eni:
 
     `ifname` is the name of its host-side veth end in the VPC router namespace
     (stable, derived from the id, at most 15 bytes); `peer_ifname` its name
-    inside the instance namespace.
+    inside the instance namespace. `port_id` is its stable non-zero 32-bit
+    port id (`naming.port_id`), unique within its VPC: the key of its rules in
+    the VPC router's rule sets.
     """
 
     eni_id: str
@@ -156,6 +158,7 @@ class Eni:
     ifname: str
     peer_ifname: str
     device_index: int
+    port_id: int
 
     @property
     def addresses(self) -> tuple[IPAddress, ...]:

@@ -922,6 +922,7 @@ class _Builder:
             ifname=naming.port_ifname("e", eni_id),
             peer_ifname=f"eth{index}",
             device_index=index,
+            port_id=naming.port_id(eni_id),
         )
         self.enis[eni_id] = eni
         self.eni_paths[eni_id] = groups_path
@@ -1132,6 +1133,16 @@ class _Builder:
                     self.names[owner],
                 )
             ifnames[ifname] = owner
+        port_ids: dict[tuple[str, int], str] = {}
+        for eni in self.enis.values():
+            other = port_ids.setdefault((eni.vpc_id, eni.port_id), eni.eni_id)
+            if other != eni.eni_id:  # a 32-bit hash collision: never silently share rules
+                raise EcsError(
+                    "InvalidParameter",
+                    f"{eni.eni_id} and {other} map to one port id ({eni.port_id:#010x}) "
+                    f"in {eni.vpc_id}",
+                    self.names[eni.eni_id],
+                )
 
     def build(self) -> Network:
         self.build_vpcs()
