@@ -470,12 +470,6 @@ class EnforcedLab:
                     out[item[kind]["name"]] = list(item[kind].get("elem", []))
         return out
 
-    def elements_text(self, name_prefix: str, vpc_id: str = VPC) -> str:
-        """Every element of the sets whose names start with `name_prefix`, as JSON text:
-        for "is this address / port in the rules now" checks."""
-        sets = self.kernel_sets(vpc_id)
-        return json.dumps([sets[n] for n in sorted(sets) if n.startswith(name_prefix)])
-
     def rules_of(
         self, eni_id: str, direction: str, vpc_id: str = VPC, *, family: str | None = None
     ) -> dict[tuple[int, str], set[tuple[str, ...]]]:
@@ -605,9 +599,6 @@ class _Stream:
                 return True
             time.sleep(0.005)
         return self.count() >= count
-
-    def stop_sending(self) -> None:
-        self._stop.set()
 
     def finish(self, timeout: float = 2.0) -> bool:
         """Stop sending, then wait until everything sent has arrived (True) or `timeout`."""
