@@ -25,6 +25,11 @@ cover 0 as well, i.e. the full 0-65535 range the compiler writes for such
 rules; an element that covered only some ports would miss 0 and the trace
 would disagree with the evaluator.
 
+The packet mark starts at `Packet.mark` (0) and is written only by
+``meta mark set <key> map @<mark map>``; a key missing from the map ends the
+rule without a verdict and leaves the mark alone, as in the kernel. ``meta
+mark`` is read only inside concatenations (rule-set keys).
+
 Evaluation: the one base chain with hook forward; its rules in order; a
 verdict map lookup that finds no element, or a match that fails, moves on to
 the next rule; ``jump`` pushes the next rule of the current chain, ``goto``
