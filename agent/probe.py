@@ -9,6 +9,7 @@ spawns.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import select
@@ -24,6 +25,20 @@ IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 def _socket_in(namespace: str, family: int, kind: int, proto: int = 0) -> socket.socket:
     return netns.run_in(namespace, lambda: socket.socket(family, kind, proto))
+
+
+def bind_retrying(sock: socket.socket, address: tuple[str, int], patience: float = 1.0) -> None:
+    """Bind, waiting out a port that another probe holds right now (a fixed source port
+    may be a listening port of a concurrent probe on the same host)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            sock.bind(address)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _family(addr: IPAddr) -> int:
@@ -55,11 +70,11 @@ def tcp_probe(
     client = _socket_in(src_ns, fam, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((str(dst), port))
+        bind_retrying(listener, (str(dst), port))
         listener.listen(4)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if src is not None or sport:
-            client.bind((str(src) if src is not None else "", sport))
+            bind_retrying(client, (str(src) if src is not None else "", sport))
         client.settimeout(timeout)
         try:
             client.connect((str(dst), port))
@@ -96,9 +111,9 @@ def udp_probe(
     server = _socket_in(dst_ns, fam, socket.SOCK_DGRAM)
     client = _socket_in(src_ns, fam, socket.SOCK_DGRAM)
     try:
-        server.bind((str(dst), port))
+        bind_retrying(server, (str(dst), port))
         if src is not None or sport:
-            client.bind((str(src) if src is not None else "", sport))
+            bind_retrying(client, (str(src) if src is not None else "", sport))
         payload = os.urandom(8)
         client.sendto(payload, (str(dst), port))
         ready, _, _ = select.select([server], [], [], timeout)

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nftsg.agent import netns
+from nftsg.agent.probe import bind_retrying
 
 Address = str | ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -78,7 +79,7 @@ def _listener(ns: str, addr: Address, port: int, kind: int) -> Iterator[socket.s
     sock = _socket_in(ns, _family(addr), kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((str(addr), port))
+        bind_retrying(sock, (str(addr), port))
         if kind == socket.SOCK_STREAM:
             sock.listen(16)
         yield sock
@@ -92,7 +93,7 @@ def _client(
     sock = _socket_in(ns, _family(addr), kind)
     if src is not None or sport is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((str(src) if src is not None else "", sport or 0))
+        bind_retrying(sock, (str(src) if src is not None else "", sport or 0))
     return sock
 
 
