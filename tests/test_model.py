@@ -126,7 +126,7 @@ def test_empty_file_is_an_empty_network() -> None:
             "SecurityGroups: [{SecurityGroupId: a, VpcId: v, Permissions: "
             "[{Direction: ingress, IpProtocol: TCP, Port: 22}]}]",
             "InvalidParameter",
-            "SecurityGroups[0].Permissions[0].Port",
+            "security_groups[0].permissions[0].Port",
             "unknown field 'Port'",
             id="unknown ECS-style field",
         ),

@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -52,11 +51,6 @@ def spellings(name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _alias(name: str) -> AliasChoices:
-    first, *rest = spellings(name)
-    return AliasChoices(first, *rest)
-
-
 class _Strict(BaseModel):
     """Frozen, no unknown fields, snake_case or PascalCase on input.
 
@@ -71,22 +65,46 @@ class _Strict(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _one_spelling_per_field(cls, data: Any) -> Any:
-        # pydantic would silently take one of two spellings of the same field.
-        if isinstance(data, dict):
-            for name in cls.model_fields:
-                given = [k for k in spellings(name) if k in data]
-                if len(given) > 1:
-                    raise PydanticCustomError(
-                        "field_given_twice",
-                        "the field {field} is given twice (as {given})",
-                        {"field": name, "given": " and ".join(given)},
-                    )
-        return data
+    def _canonical_names(cls, data: Any) -> Any:
+        """Rename every accepted spelling to the field's snake_case name.
+
+        One dict pass per object: pydantic's own alias matching tried every
+        spelling of every field and made a 40k-rule file take seconds to load.
+        Two spellings of one field are an error (pydantic would silently take one).
+        """
+        if not isinstance(data, dict):
+            return data
+        table = _spelling_table(cls)
+        out: dict[Any, Any] = {}
+        given: dict[str, str] = {}
+        for key, value in data.items():
+            name = table.get(key, key) if isinstance(key, str) else key
+            if name in out:
+                raise PydanticCustomError(
+                    "field_given_twice",
+                    "the field {field} is given twice (as {given})",
+                    {"field": name, "given": f"{given[name]} and {key}"},
+                )
+            out[name] = value
+            given[name] = key
+        return out
+
+
+_SPELLINGS: dict[type[BaseModel], dict[str, str]] = {}
+
+
+def _spelling_table(cls: type[BaseModel]) -> dict[str, str]:
+    table = _SPELLINGS.get(cls)
+    if table is None:
+        table = {alias: name for name in cls.model_fields for alias in spellings(name)}
+        _SPELLINGS[cls] = table
+    return table
 
 
 def _f(default: Any = None, name: str = "") -> Any:
-    return Field(default=default, validation_alias=_alias(name))
+    # `name` documents the field's API spelling family; renaming happens in
+    # `_Strict._canonical_names`, so no per-field alias matching is needed.
+    return Field(default=default)
 
 
 def _tags_from_ecs_list(value: Any) -> Any:
