@@ -340,7 +340,9 @@ def test_revoking_the_rule_cuts_an_established_udp_flow_and_restoring_revives_it
         lab.change(_service(False))
         cut_at = time.monotonic()
         _assert_cut(stream, cut_at, "revoked UDP flow")
-        lab.expect("i-client", "i-srv", "udp", 9000, allowed=False)
+        # The stream's server socket holds UDP 9000 on i-srv, so a fresh probe there
+        # cannot bind; TCP 80 was revoked by the same change.
+        lab.expect("i-client", "i-srv", "tcp", 80, allowed=False)
         lab.assert_second_sync_is_noop()
 
         lab.change(_service(True))
