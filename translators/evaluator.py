@@ -132,7 +132,7 @@ def _peer_matches(network: Network, rule: Rule, peer_ip: IPAddress) -> bool:
         return peer.network.version == peer_ip.version and peer_ip in peer.network
     if isinstance(peer, GroupPeer):
         # Live membership: whoever is a member right now, no rule edit needed.
-        return peer_ip in network.member_addresses(peer.group_id)
+        return network.is_member_address(peer.group_id, peer_ip)
     if isinstance(peer, PrefixListPeer):
         entries = network.prefix_lists[peer.prefix_list_id].entries
         return any(net.version == peer_ip.version and peer_ip in net for net in entries)
@@ -227,12 +227,11 @@ class _Owner:
 def _owners(network: Network, address: IPAddress) -> dict[str, _Owner]:
     """Who owns the address, per VPC (addresses are unique within a VPC only)."""
     owners: dict[str, _Owner] = {}
-    for eni in network.enis.values():
-        if address in eni.addresses:
-            owners[eni.vpc_id] = _Owner(eni.vpc_id, eni, None)
-    for ext in network.externals.values():
-        if address in ext.addresses:
-            owners[ext.vpc_id] = _Owner(ext.vpc_id, None, ext)
+    for owner in network.owners_of(address):
+        if isinstance(owner, Eni):
+            owners[owner.vpc_id] = _Owner(owner.vpc_id, owner, None)
+        else:
+            owners[owner.vpc_id] = _Owner(owner.vpc_id, None, owner)
     return owners
 
 

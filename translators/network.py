@@ -141,9 +141,7 @@ class Eni:
 
     `ifname` is the name of its host-side veth end in the VPC router namespace
     (stable, derived from the id, at most 15 bytes); `peer_ifname` its name
-    inside the instance namespace. `port_id` is its stable non-zero 32-bit
-    port id (`naming.port_id`), unique within its VPC: the key of its rules in
-    the VPC router's rule sets.
+    inside the instance namespace.
     """
 
     eni_id: str
@@ -158,7 +156,6 @@ class Eni:
     ifname: str
     peer_ifname: str
     device_index: int
-    port_id: int
 
     @property
     def addresses(self) -> tuple[IPAddress, ...]:
@@ -229,13 +226,37 @@ class Network:
     prefix_lists: dict[str, PrefixList]
     region_id: str = ""
     _members: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    # Indexes, so that judging a flow (the agent judges every tracked flow after a
+    # change) costs lookups, not scans of every ENI.
+    _owners: dict[IPAddress, tuple[Eni | ExternalHost, ...]] = field(
+        default_factory=dict, repr=False
+    )
+    _member_addresses: dict[str, frozenset[IPAddress]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         members: dict[str, list[str]] = {gid: [] for gid in self.groups}
+        owners: dict[IPAddress, list[Eni | ExternalHost]] = {}
         for eni in self.enis.values():
             for gid in eni.group_ids:
                 members.setdefault(gid, []).append(eni.eni_id)
+            for address in eni.addresses:
+                owners.setdefault(address, []).append(eni)
+        for ext in self.externals.values():
+            for address in ext.addresses:
+                owners.setdefault(address, []).append(ext)
         self._members.update({gid: tuple(sorted(ids)) for gid, ids in members.items()})
+        self._owners.update({a: tuple(o) for a, o in owners.items()})
+        self._member_addresses.update(
+            {gid: frozenset(self.member_addresses(gid)) for gid in self._members}
+        )
+
+    def owners_of(self, address: IPAddress) -> tuple[Eni | ExternalHost, ...]:
+        """The ENIs and external hosts holding the address (one per VPC at most)."""
+        return self._owners.get(address, ())
+
+    def is_member_address(self, group_id: str, address: IPAddress) -> bool:
+        """Is the address one of the current members' private addresses?"""
+        return address in self._member_addresses.get(group_id, frozenset())
 
     def members(self, group_id: str) -> tuple[str, ...]:
         """Ids of the ENIs that are members of the group right now (sorted)."""
@@ -258,13 +279,13 @@ class Network:
         return tuple(self.groups[g] for g in self.enis[eni_id].group_ids)
 
     def eni_by_address(self, address: IPAddress) -> Eni | None:
-        for eni in self.enis.values():
-            if address in eni.addresses:
-                return eni
+        for owner in self.owners_of(address):
+            if isinstance(owner, Eni):
+                return owner
         return None
 
     def external_by_address(self, address: IPAddress) -> ExternalHost | None:
-        for ext in self.externals.values():
-            if address in ext.addresses:
-                return ext
+        for owner in self.owners_of(address):
+            if isinstance(owner, ExternalHost):
+                return owner
         return None
