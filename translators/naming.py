@@ -21,16 +21,6 @@ def port_ifname(kind: str, ident: str) -> str:
     return f"{kind}{_digest(kind + ':' + ident)[:12]}"
 
 
-def port_id(eni_id: str) -> int:
-    """The ENI's port id: a stable 32-bit number, never 0, from a hash of the id.
-
-    The VPC router writes it into the packet mark (``meta mark``) to key the
-    VPC-wide rule sets by ENI. Two ENIs of one VPC with the same id would share
-    rules, so validation refuses such a collision.
-    """
-    return int(_digest("port:" + eni_id)[:8], 16) or 1
-
-
 def derived_mac(ident: str) -> str:
     """A locally administered unicast MAC derived from the id."""
     raw = bytes.fromhex(_digest("mac:" + ident)[:12])

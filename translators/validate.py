@@ -20,6 +20,7 @@ Decisions where semantics.md leaves room, written down once:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -116,11 +117,21 @@ def parse_port_range(
     return None
 
 
-def parse_network(raw: str, path: str, code: str) -> IPNetwork:
+@functools.lru_cache(maxsize=65536)
+def _network_of(text: str) -> IPNetwork | None:
+    # CIDRs repeat across rules and across every re-validation of a stored
+    # model; ipaddress parsing is the costliest step of validating a rule.
     try:
-        return ipaddress.ip_network(raw.strip(), strict=False)
+        return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise EcsError(code, f"{raw!r} is not an IP address or CIDR block", path) from None
+        return None
+
+
+def parse_network(raw: str, path: str, code: str) -> IPNetwork:
+    net = _network_of(raw.strip())
+    if net is None:
+        raise EcsError(code, f"{raw!r} is not an IP address or CIDR block", path)
+    return net
 
 
 def parse_priority(raw: int | str | None, path: str) -> int:
@@ -922,7 +933,6 @@ class _Builder:
             ifname=naming.port_ifname("e", eni_id),
             peer_ifname=f"eth{index}",
             device_index=index,
-            port_id=naming.port_id(eni_id),
         )
         self.enis[eni_id] = eni
         self.eni_paths[eni_id] = groups_path
@@ -1133,16 +1143,6 @@ class _Builder:
                     self.names[owner],
                 )
             ifnames[ifname] = owner
-        port_ids: dict[tuple[str, int], str] = {}
-        for eni in self.enis.values():
-            other = port_ids.setdefault((eni.vpc_id, eni.port_id), eni.eni_id)
-            if other != eni.eni_id:  # a 32-bit hash collision: never silently share rules
-                raise EcsError(
-                    "InvalidParameter",
-                    f"{eni.eni_id} and {other} map to one port id ({eni.port_id:#010x}) "
-                    f"in {eni.vpc_id}",
-                    self.names[eni.eni_id],
-                )
 
     def build(self) -> Network:
         self.build_vpcs()
