@@ -481,16 +481,14 @@ class EnforcedLab:
 
     def enforced_ports(self, vpc_id: str = VPC) -> set[str]:
         """Router ports whose traffic meets group rules (ENIs; external hosts are not)."""
-        return set(self.kernel_sets(vpc_id)["eni_ports"])
+        return {elem[0] for elem in self.kernel_sets(vpc_id)["egress_dispatch"]}
 
     def default_verdict(self, eni_id: str, direction: str) -> str:
-        """What the kernel does with the ENI's traffic that no rule matches:
-        ingress: the chain's final verdict; egress: drop for ports of advanced groups,
-        else `return` (on to the receiver's side)."""
-        if direction == "ingress":
-            return next(iter(self.kernel_rules("ingress")[-1]["expr"][-1]))
-        advanced = self.eni(eni_id).ifname in self.kernel_sets()["advanced_ports"]
-        return "drop" if advanced else "return"
+        """The verdict of the last rule of the ENI's chain: its default for that direction
+        (ingress: drop; egress: `return` (on to the receiver's side) for basic groups,
+        drop for advanced ones)."""
+        last = self.kernel_rules(rule_chain(eni_id, direction))[-1]["expr"]
+        return next(iter(last[-1]))
 
     # -- anti-spoofing -------------------------------------------------------------
     def send_udp_from(
@@ -749,68 +747,91 @@ class UdpStream(_Stream):
 
 # -- the rules of one ENI as the kernel holds them -------------------------------------
 #
-# The layout is docs/dataplane.md's: VPC-wide rule sets per direction named
-# `<direction>_p<priority>_<a|d>_<v4|v6>_<protocol class>_<part>`, whose elements
-# are `port id . peer . dport . sport . local` (`port id . peer . local` for classes
-# without ports); an ENI's port id is its packet mark.
+# The layout is docs/dataplane.md's: per-ENI chains `in_<eni>` / `out_<eni>` that look
+# packets up in per-group rule sets `g_<group>_<in|out>_p<priority>_<a|d>_<v4|v6>_<part>`
+# (`proto . peer . dport . sport . local`; a group reference is expanded into its
+# members' addresses, a prefix list into its entries).
 # Everything that reads the layout is here, so the scenarios state rules in the
 # words of the model.
 
-_RULE_SET = re.compile(r"^(egress|ingress)_p(\d+)_([ad])_(v4|v6)_([a-z0-9]+)_(\d+)$")
+_RULE_SET = re.compile(r"^g_(.+)_(in|out)_p(\d+)_([ad])_(v4|v6)_(\d+)$")
+_PROTO_NAMES = {"ipv6-icmp": "icmpv6", "58": "icmpv6", "6": "tcp", "17": "udp", "1": "icmp",
+                "47": "gre"}
+
+
+def rule_chain(eni_id: str, direction: str) -> str:
+    return ("out_" if direction == "egress" else "in_") + eni_id
+
+
+def _unwrap(elem: Any) -> Any:
+    return elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem
 
 
 def _atom(atom: Any) -> str:
     if isinstance(atom, dict) and "prefix" in atom:
         p = atom["prefix"]
-        return "*" if p["len"] == 0 else f"{p['addr']}/{p['len']}"
+        if p["len"] == 0:
+            return "*"
+        if p["len"] == (32 if ":" not in p["addr"] else 128):
+            return str(p["addr"])  # a single address, however nft chose to list it
+        return f"{p['addr']}/{p['len']}"
     if isinstance(atom, dict) and "range" in atom:
         lo, hi = atom["range"]
-        if (lo, hi) == (0, 65535):
+        if (str(lo), str(hi)) in (("0", "65535"), ("0", "255"), ("hopopt", "255")):
             return "*"
+        if lo == hi:
+            return str(lo)
         return f"{lo}-{hi}"
     return str(atom)
+
+
+def _proto(atom: Any) -> str:
+    text = _atom(atom)
+    return _PROTO_NAMES.get(text, text)
+
+
+def _looked_up(
+    lab: EnforcedLab, eni_id: str, direction: str, vpc_id: str
+) -> list[tuple[str, re.Match[str]]]:
+    """The rule sets the ENI's chain looks up, in the chain's order: (name, parsed name)."""
+    out = []
+    for rule in lab.kernel_rules(rule_chain(eni_id, direction), vpc_id):
+        for ref in re.findall(r'"@([^"]+)"', json.dumps(rule["expr"])):
+            m = _RULE_SET.match(ref)
+            if m is not None:
+                out.append((ref, m))
+    return out
+
+
+def _bucket(m: re.Match[str]) -> tuple[int, str]:
+    return (int(m.group(3)), "drop" if m.group(4) == "d" else "accept")
 
 
 def kernel_rule_elements(
     lab: EnforcedLab, eni_id: str, direction: str, vpc_id: str = VPC, family: str | None = None
 ) -> dict[tuple[int, str], set[tuple[str, ...]]]:
     """(priority, "accept"|"drop") -> the elements (proto, peer, dport, sport, local) that
-    the kernel holds for that ENI in that direction; "*" for "any"."""
-    port_id = lab.eni(eni_id).port_id
+    the kernel holds in the sets the ENI's chain of that direction looks up, pooled over
+    its groups; "*" for "any". Buckets without an element are left out."""
+    sets = lab.kernel_sets(vpc_id)
     out: dict[tuple[int, str], set[tuple[str, ...]]] = {}
-    for name, elems in lab.kernel_sets(vpc_id).items():
-        m = _RULE_SET.match(name)
-        if m is None or m.group(1) != direction:
+    for name, m in _looked_up(lab, eni_id, direction, vpc_id):
+        if family is not None and m.group(5) != {"ipv4": "v4", "ipv6": "v6"}[family]:
             continue
-        if family is not None and m.group(4) != {"ipv4": "v4", "ipv6": "v6"}[family]:
-            continue
-        proto = "*" if m.group(5) == "all" else m.group(5)
-        for elem in elems:
-            concat = elem["concat"]
-            if int(concat[0]) != port_id:
-                continue
-            fields = [_atom(a) for a in concat[1:]]
-            if len(fields) == 2:  # a protocol without ports: port id . peer . local
-                fields = [fields[0], "*", "*", fields[1]]
-            key = (int(m.group(2)), "drop" if m.group(3) == "d" else "accept")
-            out.setdefault(key, set()).add((proto, *fields))
+        for elem in sets[name]:
+            proto, *fields = _unwrap(elem)["concat"]
+            out.setdefault(_bucket(m), set()).add((_proto(proto), *(_atom(a) for a in fields)))
     return out
 
 
 def kernel_bucket_order(
     lab: EnforcedLab, eni_id: str, direction: str, vpc_id: str = VPC
 ) -> list[tuple[int, str]]:
-    """(priority, policy) of the set lookups that hold elements of the ENI, in the order
+    """(priority, policy) of the ENI's rule-set lookups that hold elements, in the order
     the kernel's chain evaluates them."""
-    port_id = lab.eni(eni_id).port_id
     sets = lab.kernel_sets(vpc_id)
     order: list[tuple[int, str]] = []
-    for rule in lab.kernel_rules(direction, vpc_id):
-        refs = re.findall(r'"@([^"]+)"', json.dumps(rule["expr"]))
-        for ref in refs:
-            m = _RULE_SET.match(ref)
-            if m and any(int(e["concat"][0]) == port_id for e in sets.get(ref, [])):
-                key = (int(m.group(2)), "drop" if m.group(3) == "d" else "accept")
-                if not order or order[-1] != key:
-                    order.append(key)
+    for name, m in _looked_up(lab, eni_id, direction, vpc_id):
+        if sets[name] and (not order or order[-1] != _bucket(m)):
+            order.append(_bucket(m))
     return order

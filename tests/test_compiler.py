@@ -16,11 +16,9 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nftsg.translators import naming
 from nftsg.translators.compiler import compile_all, compile_vpc, split_parts
-from nftsg.translators.errors import EcsError
 from nftsg.translators.network import Network
-from nftsg.translators.nft import COMMENT_MAX_BYTES, Program, Span
+from nftsg.translators.nft import COMMENT_MAX_BYTES, Match, Program, SetRef, Span, Verdict
 from nftsg.translators.validate import load_network
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,64 +116,55 @@ def test_forward_chain_is_the_documented_dispatch(demo: tuple[Network, Program])
             }
         }
     ]
-    assert exprs[1] == [{"vmap": {"key": {"meta": {"key": "oifname"}}, "data": "@intra_dispatch"}}]
-    assert exprs[2:] == [
-        [
-            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "@eni_ports"}},
-            {"jump": {"target": "egress"}},
-        ],
-        [
-            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "@eni_ports"}},
-            {"jump": {"target": "ingress"}},
-        ],
-        [
-            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "@ports"}},
-            {"accept": None},
-        ],
+    assert exprs[1:4] == [
+        [{"vmap": {"key": {"meta": {"key": port}}, "data": f"@{data}"}}]
+        for port, data in (
+            ("oifname", "intra_dispatch"),
+            ("iifname", "egress_dispatch"),
+            ("oifname", "ingress_dispatch"),
+        )
+    ]
+    assert exprs[4] == [
+        {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "@ports"}},
+        {"accept": None},
     ]
 
 
-def test_port_ids_and_port_sets(demo: tuple[Network, Program]) -> None:
+def test_dispatch_maps_and_port_sets(demo: tuple[Network, Program]) -> None:
     net, prog = demo
     enis = net.enis_in_vpc("vpc-demo")
     ext = net.externals_in_vpc("vpc-demo")
-    port_ids = prog.map_by_name["port_ids"]
-    assert port_ids.data == "mark"
-    assert dict(port_ids.elements) == {(e.ifname,): e.port_id for e in enis}
-    assert len({e.port_id for e in enis}) == len(enis) and 0 not in {e.port_id for e in enis}
-    maps = {m["name"]: m for m in commands(prog, "add", "map")}
-    assert (maps["port_ids"]["type"], maps["port_ids"]["map"]) == ("ifname", "mark")
-    assert sorted(maps["port_ids"]["elem"]) == sorted([e.ifname, e.port_id] for e in enis)
-    # External hosts are ports (anti-spoofing, final accept) but not evaluated.
-    assert {k[0] for k in prog.set_by_name["eni_ports"].elements} == {e.ifname for e in enis}
+    eg = dict(prog.map_by_name["egress_dispatch"].elements)
+    ing = dict(prog.map_by_name["ingress_dispatch"].elements)
+    assert set(eg) == set(ing) == {(e.ifname,) for e in enis}
+    for e in enis:
+        assert eg[(e.ifname,)].target == f"out_{e.eni_id}"
+        assert ing[(e.ifname,)].target == f"in_{e.eni_id}"
+    # External hosts are ports (anti-spoofing, final accept) but not dispatched.
     assert {k[0] for k in prog.set_by_name["ports"].elements} == {p.ifname for p in (*enis, *ext)}
-    assert prog.set_by_name["advanced_ports"].elements == ()
     v4 = prog.set_by_name["port_addrs_v4"].elements
     office = int(ipaddress.ip_address("198.51.100.7"))
     assert (net.externals["office"].ifname, Span(office, office)) in v4
     web1 = net.enis["eni-web1"]
     six = int(ipaddress.ip_address("2001:db8:10:1::10"))
     assert prog.set_by_name["port_addrs_v6"].elements.count((web1.ifname, Span(six, six))) == 1
+    # No packet mark, no VPC-wide rule chain.
+    assert not {"egress", "ingress"} & set(prog.chain_by_name)
+    assert "mark" not in dumps(prog)
 
 
-def test_port_id_is_stable_nonzero_and_collisions_are_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    assert naming.port_id("eni-web1") == naming.port_id("eni-web1") != 0
-    assert 0 < naming.port_id("eni-x") < 1 << 32
-    monkeypatch.setattr(naming, "port_id", lambda eni_id: 7)
-    with pytest.raises(EcsError, match="map to one port id"):
-        network_of(demo_topology())
-
-
-def test_advanced_ports_hold_enis_of_advanced_groups() -> None:
+def test_default_verdicts_basic_and_advanced() -> None:
     net = load_network((GOLDEN / "advanced.yaml").read_text())
     for vpc_id in net.vpcs:
         prog = compile_vpc(net, vpc_id)
-        advanced = {
-            (e.ifname,) for e in net.enis_in_vpc(vpc_id) if not net.groups[e.group_ids[0]].is_basic
-        }
-        assert set(prog.set_by_name["advanced_ports"].elements) == advanced
+        for eni in net.enis_in_vpc(vpc_id):
+            advanced = not net.groups[eni.group_ids[0]].is_basic
+            out = prog.chain_by_name[f"out_{eni.eni_id}"].rules[-1]
+            into = prog.chain_by_name[f"in_{eni.eni_id}"].rules[-1]
+            assert out.statements == (Verdict("drop" if advanced else "return"),)
+            assert into.statements == (Verdict("drop"),)
+            kind = "advanced" if advanced else "basic"
+            assert out.comment == f"default egress {kind} {eni.eni_id}"
 
 
 def test_intra_group_objects_only_for_basic_accept_groups(demo: tuple[Network, Program]) -> None:
@@ -198,137 +187,183 @@ def test_intra_group_objects_only_for_basic_accept_groups(demo: tuple[Network, P
 
 
 def _lookup_sets(rules: list[dict[str, Any]]) -> list[str]:
-    """The rule sets a rule chain looks up, in order (first rule: the mark; last: default)."""
-    return [r["expr"][-2]["match"]["right"][1:] for r in rules[1:-1]]
+    """The group rule sets a rule chain looks up, in order (last rule: the default)."""
+    return [r["expr"][-2]["match"]["right"][1:] for r in rules[:-1]]
 
 
-def _set_mark(port: str) -> dict[str, Any]:
-    return {
-        "mangle": {
-            "key": {"meta": {"key": "mark"}},
-            "value": {"map": {"key": {"meta": {"key": port}}, "data": "@port_ids"}},
-        }
-    }
+def _payload(proto: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": proto, "field": field}}
 
 
-def test_rule_chains_are_vpc_wide_buckets_priority_then_drop_first(
+NFPROTO4 = {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}}
+L4 = {"meta": {"key": "l4proto"}}
+PORTS = [_payload("th", "dport"), _payload("th", "sport")]
+
+
+def test_rule_chains_are_per_eni_buckets_priority_then_drop_first(
     demo: tuple[Network, Program],
 ) -> None:
     _, prog = demo
-    ingress = chain_rules(prog, "ingress")
-    assert ingress[0]["expr"] == [_set_mark("oifname")]
-    assert _lookup_sets(ingress) == [
-        "ingress_p1_a_v4_tcp_0",
-        "ingress_p1_a_v4_udp_0",
-        "ingress_p1_a_v6_tcp_0",
-        "ingress_p1_a_v6_udp_0",
-        "ingress_p2_d_v4_tcp_0",
-        "ingress_p10_a_v4_tcp_0",
-        "ingress_p10_a_v6_tcp_0",
-        "ingress_p50_a_v4_icmp_0",
+    web = chain_rules(prog, "in_eni-web1")
+    # Per bucket (priority, policy, family), one lookup per group of the ENI that has
+    # the bucket and per part; the sets are the group's, shared by all its members.
+    assert _lookup_sets(web) == [
+        "g_sg-web_in_p1_a_v4_0",
+        "g_sg-web_in_p1_a_v6_0",
+        "g_sg-web_in_p10_a_v4_0",
+        "g_sg-web_in_p10_a_v6_0",
+        "g_sg-web_in_p50_a_v4_0",
     ]
-    verdicts = [r["expr"][-1] for r in ingress[1:]]
-    assert verdicts == [{"return": None}] * 4 + [{"drop": None}] + [{"return": None}] * 3 + [
-        {"drop": None}
+    assert _lookup_sets(chain_rules(prog, "in_eni-web2")) == _lookup_sets(web)
+    assert [r["expr"][-1] for r in web] == [{"return": None}] * 5 + [{"drop": None}]
+    bastion = chain_rules(prog, "in_eni-bastion")
+    assert _lookup_sets(bastion) == ["g_sg-bastion_in_p1_a_v4_0", "g_sg-bastion_in_p2_d_v4_0"]
+    assert [r["expr"][-1] for r in bastion] == [{"return": None}] + [{"drop": None}] * 2
+    # Every lookup: family, then one five-field concatenation; ingress reads the peer
+    # from saddr and the local address from daddr. A group reference is no different
+    # from a CIDR: its members' addresses are elements of the referencing group's set.
+    for rule, name in zip(web[:-1], _lookup_sets(web), strict=True):
+        fam, nfproto = ("ip", "ipv4") if name.endswith("_v4_0") else ("ip6", "ipv6")
+        assert rule["expr"] == [
+            {"match": {**NFPROTO4["match"], "right": nfproto}},
+            {
+                "match": {
+                    "op": "==",
+                    "left": {
+                        "concat": [L4, _payload(fam, "saddr"), *PORTS, _payload(fam, "daddr")]
+                    },
+                    "right": "@" + name,
+                }
+            },
+            {"return": None},
+        ]
+    # Egress reads the peer from daddr and the local address from saddr; basic egress
+    # returns by default.
+    db = chain_rules(prog, "out_eni-db1")
+    assert _lookup_sets(db) == ["g_sg-db_out_p100_d_v4_0", "g_sg-db_out_p100_d_v6_0"]
+    assert db[0]["expr"][1]["match"]["left"]["concat"] == [
+        L4,
+        _payload("ip", "daddr"),
+        *PORTS,
+        _payload("ip", "saddr"),
     ]
-    # Family, then protocol, then the lookup; ingress reads the peer from saddr and
-    # the local address from daddr, after the port id in the mark.
-    assert ingress[1]["expr"][:3] == [
-        {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}},
-        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": 6}},
+    assert db[-1]["expr"] == [{"return": None}]
+    assert chain_rules(prog, "out_eni-web1") == [
         {
-            "match": {
-                "op": "==",
-                "left": {
-                    "concat": [
-                        {"meta": {"key": "mark"}},
-                        {"payload": {"protocol": "ip", "field": "saddr"}},
-                        {"payload": {"protocol": "th", "field": "dport"}},
-                        {"payload": {"protocol": "th", "field": "sport"}},
-                        {"payload": {"protocol": "ip", "field": "daddr"}},
-                    ]
-                },
-                "right": "@ingress_p1_a_v4_tcp_0",
-            }
-        },
+            "family": "inet",
+            "table": "nftsg",
+            "chain": "out_eni-web1",
+            "comment": "default egress basic eni-web1",
+            "expr": [{"return": None}],
+        }
     ]
-    assert ingress[-1]["expr"] == [{"drop": None}]
-    egress = chain_rules(prog, "egress")
-    assert egress[0]["expr"] == [_set_mark("iifname")]
-    assert _lookup_sets(egress) == ["egress_p100_d_v4_all_0", "egress_p100_d_v6_all_0"]
-    # ALL: no protocol match; egress reads the peer from daddr.
-    assert [e for e in egress[1]["expr"] if "l4proto" in json.dumps(e)] == []
-    assert egress[1]["expr"][1]["match"]["left"]["concat"] == [
-        {"meta": {"key": "mark"}},
-        {"payload": {"protocol": "ip", "field": "daddr"}},
-        {"payload": {"protocol": "ip", "field": "saddr"}},
+
+
+def test_buckets_of_several_groups_interleave_by_bucket_then_group() -> None:
+    """An ENI in two groups: buckets in order, and within a bucket one lookup per group
+    having it (sorted by id); a group without the bucket has no lookup there."""
+    topo = demo_topology()
+    app = next(i for i in topo["instances"] if i["instance_id"] == "i-app1")
+    app["security_group_ids"] = ["sg-web", "sg-app"]
+    prog = compile_vpc(network_of(topo), "vpc-demo")
+    assert _lookup_sets(chain_rules(prog, "in_eni-app1")) == [
+        "g_sg-app_in_p1_a_v4_0",
+        "g_sg-web_in_p1_a_v4_0",
+        "g_sg-app_in_p1_a_v6_0",
+        "g_sg-web_in_p1_a_v6_0",
+        "g_sg-web_in_p10_a_v4_0",
+        "g_sg-web_in_p10_a_v6_0",
+        "g_sg-web_in_p50_a_v4_0",
     ]
-    # Advanced egress drops by default; basic egress falls off the end (returns).
-    assert egress[-1]["expr"] == [
-        {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "@advanced_ports"}},
-        {"drop": None},
-    ]
+    assert "g_sg-app_in_p10_a_v4_0" not in prog.set_by_name
 
 
 def test_drop_bucket_precedes_accept_bucket_of_same_priority() -> None:
     topo = demo_topology()
     topo["security_groups"][3]["permissions"][1]["priority"] = 1  # bastion's drop 22 -> prio 1
     prog = compile_vpc(network_of(topo), "vpc-demo")
-    assert _lookup_sets(chain_rules(prog, "ingress"))[:2] == [
-        "ingress_p1_d_v4_tcp_0",
-        "ingress_p1_a_v4_tcp_0",
+    assert _lookup_sets(chain_rules(prog, "in_eni-bastion")) == [
+        "g_sg-bastion_in_p1_d_v4_0",
+        "g_sg-bastion_in_p1_a_v4_0",
     ]
 
 
-def test_set_elements_expand_cidrs_members_and_prefix_lists(
+def test_group_sets_hold_cidrs_members_and_prefix_list_entries(
     demo: tuple[Network, Program],
 ) -> None:
-    net, prog = demo
-    pid = {e: net.enis[e].port_id for e in net.enis}
+    _, prog = demo
     sets = {s["name"]: s for s in commands(prog, "add", "set")}
-    assert sets["ingress_p1_a_v4_tcp_0"]["type"] == [
-        "mark",
-        "ipv4_addr",
-        "inet_service",
-        "inet_service",
-        "ipv4_addr",
-    ]
-    assert sets["ingress_p1_a_v4_tcp_0"]["flags"] == ["interval"]
     any_v4 = {"prefix": {"addr": "0.0.0.0", "len": 0}}
     full = {"range": [0, 65535]}
-    elems = sets["ingress_p1_a_v4_tcp_0"]["elem"]
-    # ssh from sg-bastion (web, app, db): the bastion's live address, keyed by port id.
-    for eni in ("eni-web1", "eni-web2", "eni-app1", "eni-db1"):
-        assert {"concat": [pid[eni], "10.0.9.10", 22, full, any_v4]} in elems
-    # app 8080 from sg-web's members; the bastion's ssh from the office prefix list.
-    assert {"concat": [pid["eni-app1"], "10.0.1.11", 8080, full, any_v4]} in elems
-    office = {"prefix": {"addr": "198.51.100.0", "len": 24}}
-    assert {"concat": [pid["eni-bastion"], office, 22, full, any_v4]} in elems
-    assert len(elems) == 8
-    # The bastion has no IPv6 address: no IPv6 ssh element (app's 8080 from web, db's
-    # 5432 from app remain).
-    v6 = sets["ingress_p1_a_v6_tcp_0"]["elem"]
-    assert {(e["concat"][0], e["concat"][2]) for e in v6} == {
-        (pid["eni-app1"], 8080),
-        (pid["eni-db1"], 5432),
+    # Only group sets, anti-spoofing, ports and intra sets: no per-ENI rule set, no
+    # VPC-wide member or prefix-list set.
+    assert {n for n in sets if not n.startswith("g_")} == {
+        "ports",
+        "port_addrs_v4",
+        "port_addrs_v6",
+        "intra_sg-web",
+        "intra_sg-bastion",
     }
-    # ICMP from the office prefix list: IPv4 only, every type: no port fields at all.
-    assert sets["ingress_p50_a_v4_icmp_0"]["type"] == ["mark", "ipv4_addr", "ipv4_addr"]
-    assert sets["ingress_p50_a_v4_icmp_0"]["elem"] == [
-        {"concat": [p, office, any_v4]} for p in sorted((pid["eni-web1"], pid["eni-web2"]))
+    # CIDR rules: five fields, interval.
+    assert sets["g_sg-web_in_p10_a_v4_0"]["type"] == [
+        "inet_proto",
+        "ipv4_addr",
+        "inet_service",
+        "inet_service",
+        "ipv4_addr",
     ]
-    assert not any(n.startswith("ingress_p50_a_v6") for n in sets)
-    # ALL drop on egress: every protocol (no l4proto match), every address.
+    assert sets["g_sg-web_in_p10_a_v4_0"]["flags"] == ["interval"]
+    assert sets["g_sg-web_in_p10_a_v4_0"]["elem"] == [
+        {"concat": [6, any_v4, 80, full, any_v4]},
+        {"concat": [6, any_v4, 443, full, any_v4]},
+    ]
+    # Group references: one element per live member address of the referenced group
+    # (/32, /128), in both families.
+    assert sets["g_sg-app_in_p1_a_v4_0"]["elem"] == [
+        {"concat": [6, "10.0.1.10", 8080, full, any_v4]},
+        {"concat": [6, "10.0.1.11", 8080, full, any_v4]},
+        {"concat": [6, "10.0.9.10", 22, full, any_v4]},
+        {"concat": [17, "10.0.1.10", 5353, full, any_v4]},
+        {"concat": [17, "10.0.1.11", 5353, full, any_v4]},
+    ]
+    assert len(sets["g_sg-app_in_p1_a_v6_0"]["elem"]) == 4  # the bastion has no IPv6 address
+    # A bucket whose references have no member address of a family keeps an empty set,
+    # so that the first member's address is an element.
+    assert "elem" not in sets["g_sg-web_in_p1_a_v6_0"]
+    # Prefix lists: their entries (ICMP from the office: IPv4 only, every type: full
+    # port fields).
+    office = {"prefix": {"addr": "198.51.100.0", "len": 24}}
+    assert sets["g_sg-web_in_p50_a_v4_0"]["elem"] == [{"concat": [1, office, full, full, any_v4]}]
+    assert not any(n.startswith("g_sg-web_in_p50_a_v6") for n in sets)
+    # ALL drop on egress: every protocol, every address.
     any_v6 = {"prefix": {"addr": "::", "len": 0}}
-    assert sets["egress_p100_d_v6_all_0"]["elem"] == [{"concat": [pid["eni-db1"], any_v6, any_v6]}]
+    assert sets["g_sg-db_out_p100_d_v6_0"]["elem"] == [
+        {"concat": [{"range": [0, 255]}, any_v6, full, full, any_v6]}
+    ]
+    for body in sets.values():
+        if body["name"].startswith("g_"):
+            assert len(body["type"]) == 5
+
+
+def test_prefix_list_entries_inside_another_are_left_out() -> None:
+    topo = demo_topology()
+    topo["prefix_lists"][0]["entries"] = ["198.51.100.0/24", "198.51.100.64/26", "192.0.2.7/32"]
+    prog = compile_vpc(network_of(topo), "vpc-demo")
+    assert [k[1] for k in prog.set_by_name["g_sg-web_in_p50_a_v4_0"].elements] == [
+        Span(int(ipaddress.ip_address("192.0.2.7")), int(ipaddress.ip_address("192.0.2.7"))),
+        Span(
+            int(ipaddress.ip_address("198.51.100.0")), int(ipaddress.ip_address("198.51.100.255"))
+        ),
+    ]
 
 
 def test_rule_comments_are_static_and_within_the_limit(demo: tuple[Network, Program]) -> None:
     _, prog = demo
     comments = [r.comment for c in prog.chains for r in c.rules]
     assert all(len(c.encode()) <= COMMENT_MAX_BYTES for c in comments)
-    ingress = [r.comment for r in prog.chain_by_name["ingress"].rules]
-    assert ingress[1] == "p1 accept ipv4 tcp part 0" and ingress[-1] == "default ingress"
+    web = [r.comment for r in prog.chain_by_name["in_eni-web1"].rules]
+    assert web[:2] == ["p1 accept ipv4 sg-web part 0", "p1 accept ipv6 sg-web part 0"]
+    assert web[-1] == "default ingress basic eni-web1"
     # A rule change inside a bucket changes elements, never a comment.
     topo = demo_topology()
     topo["security_groups"][0]["permissions"].append(
@@ -467,24 +502,16 @@ def test_golden(name: str) -> None:
 def test_golden_models_cover_the_rare_constructs() -> None:
     mixed = json.loads((GOLDEN / "mixed.json").read_text())["vpc-mix"]["nftables"]
     text = json.dumps(mixed)
-    names = {c["add"]["set"]["name"] for c in mixed if "set" in c.get("add", {})}
-    assert any("_v6_icmpv6_" in n for n in names) and '"right": 58}' in text  # ICMPv6
-    assert any("_gre_" in n for n in names) and '"right": 47}' in text  # GRE
+    assert '{"concat": [58, ' in text  # ICMPv6
+    assert '{"concat": [47, ' in text  # GRE
     assert '"2001:db8:ff::", "len": 48' in text  # IPv6 prefix list
     # A local address (dest_cidr_ip on ingress) is the last field.
     assert '{"range": [8000, 8100]}, {"range": [0, 65535]}, "10.2.1.11"]' in text
     # Source ports are the fourth field.
     assert '53, {"range": [1024, 65535]}' in text
-    # A secondary ENI is enforced on its own: its own port id.
-    net = load_network((GOLDEN / "mixed.yaml").read_text())
-    front_b = net.enis["eni-front-b"]
-    assert f"[{front_b.port_id}, " in text
-    port_ids = next(
-        c["add"]["map"]
-        for c in mixed
-        if "map" in c.get("add", {}) and c["add"]["map"]["name"] == "port_ids"
-    )
-    assert [front_b.ifname, front_b.port_id] in port_ids["elem"]
+    # A secondary ENI is enforced on its own: its own chains.
+    chains = {c["add"]["chain"]["name"] for c in mixed if "chain" in c.get("add", {})}
+    assert {"in_eni-front-b", "out_eni-front-b"} <= chains
     adv = json.loads((GOLDEN / "advanced.json").read_text())["vpc-adv"]["nftables"]
     assert not any("intra_" in json.dumps(c) and "dispatch" not in json.dumps(c) for c in adv)
     default = json.loads((GOLDEN / "default-group.json").read_text())["vpc-plain"]["nftables"]
@@ -637,28 +664,81 @@ def test_scale_compiles_fast_with_cost_independent_of_rule_count(scale_network: 
         text = json.dumps(prog.to_json())
         times.append(t1 - t0)
         render.append(time.perf_counter() - t1)
-    sets = [s for s in prog.sets if s.name.startswith(("egress_", "ingress_"))]
+    sets = [s for s in prog.sets if s.name.startswith("g_")]
     print(
         f"\nscale: {len(net.enis)} ENIs, {n_rules} rules -> {len(prog.chains)} chains, "
         f"{sum(len(c.rules) for c in prog.chains)} rules, {len(prog.sets)} sets "
-        f"({len(sets)} rule sets), {prog.element_count()} elements, "
-        f"{len(text) / 1e6:.1f} MB JSON; compile best {min(times):.3f}s, "
-        f"render best {min(render):.3f}s"
+        f"({len(sets)} group rule sets, {sum(1 for s in sets if not s.elements)} empty), "
+        f"{prog.element_count()} elements, {len(text) / 1e6:.1f} MB JSON; "
+        f"compile best {min(times):.3f}s, render best {min(render):.3f}s"
     )
     assert min(times) < 1.0
-    # The rule sets are VPC-wide: their number depends on the distinct (priority,
-    # policy, family, protocol class) of the VPC's rules, not on the ENIs.
-    pairs = {(r.priority, r.policy) for g in net.groups.values() for r in g.rules}
-    parts = max(int(s.name.rsplit("_", 1)[1]) for s in sets) + 1
-    assert len(sets) <= 2 * len(pairs) * 2 * 6 * parts
-    assert not any(c.name.startswith(("in_", "out_")) for c in prog.chains)
-    # Per-packet cost: a TCP/IPv4 packet is looked up only in the tcp and all sets
-    # of ipv4: at most (distinct priority/policy pairs) x 2 x parts per direction.
-    for direction in ("egress", "ingress"):
-        chain = prog.chain_by_name[direction]
-        assert len(chain.rules) == len([s for s in sets if s.name.startswith(direction)]) + 2
-        tcp4 = [r for r in chain.rules if "ipv4 tcp" in r.comment or "ipv4 all" in r.comment]
-        pooled = sum(1 for g in net.groups.values() for r in g.rules if r.direction == direction)
-        print(f"scale: {direction}: {pooled} rules, a TCP/IPv4 packet does {len(tcp4)} lookups")
-        assert len(tcp4) <= len(pairs) * 2 * parts
-        assert len(tcp4) * 20 < pooled
+    # Set count: per group, direction, bucket, family and part; nothing per ENI.
+    assert not any(s.name.startswith(("in_", "out_", "members_", "pl_")) for s in prog.sets)
+    by_group: dict[str, int] = {}
+    for s in sets:
+        gid = s.name[2:].rsplit("_", 5)[0]
+        by_group[gid] = by_group.get(gid, 0) + 1
+    # Per-packet cost: one lookup per (bucket, group of the ENI with it, part), each
+    # in a set of that group only; so a chain's lookups are bounded by its groups' sets.
+    lookups = elements_walked = 0
+    for eni in net.enis.values():
+        for prefix in ("in_", "out_"):
+            chain = prog.chain_by_name[f"{prefix}{eni.eni_id}"]
+            mine = set(eni.group_ids)
+            for rule in chain.rules[:-1]:
+                (ref,) = [
+                    st.right
+                    for st in rule.statements
+                    if isinstance(st, Match) and isinstance(st.right, SetRef)
+                ]
+                gid = ref.name[2:].rsplit("_", 5)[0]
+                assert gid in mine
+                lookups += 1
+                elements_walked += len(prog.set_by_name[ref.name].elements)
+        assert len(prog.chain_by_name[f"in_{eni.eni_id}"].rules) + len(
+            prog.chain_by_name[f"out_{eni.eni_id}"].rules
+        ) - 2 <= sum(by_group.get(g, 0) for g in mine)
+    n_chains = 2 * len(net.enis)
+    print(
+        f"scale: {lookups / n_chains:.1f} set lookups per chain (both families), "
+        f"{elements_walked / max(lookups, 1):.1f} elements per looked-up set on average, "
+        f"largest group set {max(len(s.elements) for s in sets)} elements"
+    )
+
+
+def test_reference_cost_does_not_grow_with_other_groups_or_enis() -> None:
+    """200 more ENIs in other groups with their own rules: the chain of an existing ENI
+    and the sets it looks up stay as they were."""
+    topo = demo_topology()
+    vsw = next(i for i in topo["instances"] if i["instance_id"] == "i-web1")["vswitch_id"]
+    topo["security_groups"].append(
+        {
+            "security_group_id": "sg-other",
+            "vpc_id": "vpc-demo",
+            "permissions": [
+                {
+                    "direction": "ingress",
+                    "ip_protocol": "TCP",
+                    "port_range": f"{p}/{p}",
+                    "source_cidr_ip": "0.0.0.0/0",
+                    "priority": 1,
+                }
+                for p in range(1, 150)
+            ],
+        }
+    )
+    before = compile_vpc(network_of(topo), "vpc-demo")
+    for n in range(200):
+        topo["instances"].append(
+            {
+                "instance_id": f"i-o{n}",
+                "vswitch_id": vsw,
+                "private_ip_address": f"10.0.1.{20 + n}",
+                "security_group_ids": ["sg-other"],
+            }
+        )
+    after = compile_vpc(network_of(topo), "vpc-demo")
+    assert after.chain_by_name["in_eni-app1"] == before.chain_by_name["in_eni-app1"]
+    for name in ("g_sg-app_in_p1_a_v4_0", "g_sg-app_in_p1_a_v6_0"):
+        assert after.set_by_name[name] == before.set_by_name[name]

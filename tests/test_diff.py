@@ -333,54 +333,88 @@ def test_fake_table_catches_a_misordered_batch() -> None:
         t.apply(deletes + [c for c in diff if c not in deletes])
 
 
-def _element_ports(commands: list[dict[str, Any]], prefix: str) -> set[int]:
-    """The port ids (first field) of the elements the commands add to or delete from
-    the rule sets whose names start with `prefix`."""
-    out: set[int] = set()
-    for c in commands:
-        ((_verb, body),) = c.items()
-        obj = body.get("element")
-        if obj and obj["name"].startswith(prefix):
-            out.update(e["concat"][0] for e in obj["elem"])
-    return out
+def _elements_touched(commands: list[dict[str, Any]]) -> set[str]:
+    return {name for _, kind, name in _touched(commands) if kind == "element"}
 
 
-def _port_ids(*eni_ids: str) -> set[int]:
-    net = load_network(DEMO.read_text())
-    return {net.enis[e].port_id for e in eni_ids}
+def _group_of(set_name: str) -> str:
+    """`g_<group>_<in|out>_p<prio>_<a|d>_<v4|v6>_<part>` -> `<group>`."""
+    assert set_name.startswith("g_"), set_name
+    return set_name[2:].rsplit("_", 5)[0]
 
 
-def test_membership_change_is_element_only_but_for_the_enis_intra_chain() -> None:
-    # i-app1 joins sg-bastion (basic, Accept), which sg-web, sg-app and sg-db reference.
+# Groups whose rules reference each group of the demo.
+REFERENCED_BY = {
+    "sg-bastion": {"sg-web", "sg-app", "sg-db"},
+    "sg-web": {"sg-app"},
+    "sg-app": {"sg-db"},
+}
+
+
+def test_membership_change_is_element_only_but_for_the_joining_enis_own_objects() -> None:
+    # i-app1 (IPv4 and IPv6) joins sg-bastion (basic, Accept), which sg-web, sg-app and
+    # sg-db reference.
     old, new = demo_programs(join_group)
     diff = diff_programs(old, new)
     touched = _touched(diff)
-    structural = {(verb, kind, name) for verb, kind, name in touched if kind != "element"}
-    # The only non-element change: app1 now has an Accept group, so an intra chain.
-    assert structural == {("add", "chain", "intra_eni-app1"), ("add", "rule", "intra_eni-app1")}
-    elements = {name for verb, kind, name in touched if kind == "element"}
-    # The referencing ENIs' ssh bucket gained app1's address; app1 gained sg-bastion's rules.
-    assert {
-        "ingress_p1_a_v4_tcp_0",
-        "ingress_p2_d_v4_tcp_0",
-        "intra_sg-bastion",
-        "intra_dispatch",
-    } <= elements
+    own = ("intra_eni-app1", "in_eni-app1", "out_eni-app1")
+    # Other ENIs: nothing; groups referencing sg-bastion: elements of their sets, in
+    # both families; no set appears or disappears.
+    others = {(v, k, n) for v, k, n in touched if not n.startswith(own)}
+    assert {k for _, k, _ in others} == {"element"}, others
+    elements = _elements_touched(diff)
+    assert elements - {"intra_sg-bastion", "intra_dispatch"} == {
+        f"g_{g}_in_p1_a_{fam}_0" for g in REFERENCED_BY["sg-bastion"] for fam in ("v4", "v6")
+    }
     assert all(verb == "add" for verb, kind, _ in touched if kind == "element")
+    # app1 itself gained sg-bastion's ingress rules (its chain rewritten, no set of its
+    # own) and an intra chain; sg-bastion has no egress rule: out_eni-app1 is untouched.
+    assert ("add", "chain", "intra_eni-app1") in touched
+    assert ("flush", "chain", "in_eni-app1") in touched
+    assert not any(n == "out_eni-app1" for _, _, n in touched)
+    assert not any(k == "set" for _, k, _ in touched)
 
 
-def test_leaving_a_referenced_group_deletes_only_elements_of_others() -> None:
+def test_leaving_a_referenced_group_deletes_only_elements_of_the_referencing_groups() -> None:
+    # i-web2 moves from sg-web (referenced by sg-app) to sg-app.
     old, new = demo_programs(leave_group)
-    touched = _touched(diff_programs(old, new))
-    assert all(kind == "element" for _, kind, name in touched if name != "intra_eni-web2")
-    assert ("delete", "element", "ingress_p1_a_v4_tcp_0") in touched
+    diff = diff_programs(old, new)
+    touched = _touched(diff)
+    own = ("intra_eni-web2", "in_eni-web2", "out_eni-web2")
+    assert all(kind == "element" for _, kind, name in touched if not name.startswith(own))
+    assert ("delete", "element", "g_sg-app_in_p1_a_v4_0") in touched
+    assert ("delete", "element", "g_sg-app_in_p1_a_v6_0") in touched
     assert ("delete", "element", "intra_sg-web") in touched
+    # ... and, as a new member of sg-app, adds to those of sg-db (which references sg-app).
+    assert ("add", "element", "g_sg-db_in_p1_a_v4_0") in touched
+    assert {_group_of(n) for n in _elements_touched(diff) if n.startswith("g_")} == {
+        *REFERENCED_BY["sg-web"],
+        *REFERENCED_BY["sg-app"],
+    }
+    assert not any(
+        n.startswith(("in_eni-app1", "in_eni-db1", "in_eni-web1")) for _, _, n in touched
+    )
 
 
-def test_membership_change_without_accept_groups_is_element_only() -> None:
-    for edit in (add_eni, remove_eni):
-        old, new = demo_programs(edit if edit is remove_eni else _add_db_eni)
-        assert {kind for _, kind, _ in _touched(diff_programs(old, new))} == {"element"}
+def test_membership_change_of_an_unreferenced_group_is_element_only() -> None:
+    # A new member of sg-db (Drop, referenced by nobody): its own chains appear (sg-db's
+    # sets exist already); nothing of another ENI or group changes.
+    old, new = demo_programs(_add_db_eni)
+    touched = _touched(diff_programs(old, new))
+    structural = {(v, k, n) for v, k, n in touched if k != "element"}
+    assert {(v, k) for v, k, n in structural} == {("add", "chain"), ("add", "rule")}
+    assert all(n in ("in_eni-db2", "out_eni-db2") for _, _, n in structural)
+    assert {n for _, k, n in touched if k == "element"} == {
+        "ports",
+        "port_addrs_v4",
+        "egress_dispatch",
+        "ingress_dispatch",
+    }
+    # An ENI of sg-db leaving the VPC: its chains go, and the port elements.
+    old, new = demo_programs(remove_eni)
+    touched = _touched(diff_programs(old, new))
+    assert {n for _, k, n in touched if k != "element"} == {"in_eni-db1", "out_eni-db1"}
+    assert not any(n.startswith("g_") for _, _, n in touched)
 
 
 def _add_db_eni(t: Topo) -> None:
@@ -397,13 +431,39 @@ def _add_db_eni(t: Topo) -> None:
     )
 
 
-def test_prefix_list_change_is_element_only() -> None:
+def test_joining_a_referenced_group_adds_elements_to_the_referencing_groups_sets() -> None:
+    # A new web ENI (IPv4 only): sg-app's references to sg-web gain its address.
+    old, new = demo_programs(add_eni)
+    touched = _touched(diff_programs(old, new))
+    others = {(v, k, n) for v, k, n in touched if not n.startswith(("in_eni-web3", "out_eni-web3"))}
+    others.discard(("add", "chain", "intra_eni-web3"))
+    others.discard(("add", "rule", "intra_eni-web3"))
+    assert {k for _, k, _ in others} == {"element"}, others
+    assert {n for _, _, n in others} == {
+        "g_sg-app_in_p1_a_v4_0",
+        "intra_sg-web",
+        "intra_dispatch",
+        "egress_dispatch",
+        "ingress_dispatch",
+        "ports",
+        "port_addrs_v4",
+    }
+    # Two elements: 8080/tcp and 5353/udp from the new address.
+    assert sum(1 for v, _, n in others if n == "g_sg-app_in_p1_a_v4_0") == 1
+    (cmd,) = [
+        c
+        for c in diff_programs(old, new)
+        if c.get("add", {}).get("element", {}).get("name") == "g_sg-app_in_p1_a_v4_0"
+    ]
+    assert len(cmd["add"]["element"]["elem"]) == 2
+
+
+def test_prefix_list_change_is_element_only_in_the_sets_of_groups_using_it() -> None:
     old, new = demo_programs(prefix_list_entry)
     touched = _touched(diff_programs(old, new))
-    assert {kind for _, kind, _ in touched} == {"element"}
-    assert {name for _, _, name in touched} == {
-        "ingress_p1_a_v4_tcp_0",
-        "ingress_p50_a_v4_icmp_0",
+    assert {(kind, name) for _, kind, name in touched} == {
+        ("element", "g_sg-web_in_p50_a_v4_0"),
+        ("element", "g_sg-bastion_in_p1_a_v4_0"),
     }
 
 
@@ -417,21 +477,47 @@ def test_rule_change_within_existing_buckets_is_element_only(
     diff = diff_programs(old, new)
     touched = _touched(diff)
     assert touched and {kind for _, kind, _ in touched} == {"element"}, touched
-    # Only the elements of the group's members (sg-web: web1, web2) change.
-    assert _element_ports(diff, "ingress_") == _port_ids("eni-web1", "eni-web2")
+    # Only the group's own sets change, never per member.
+    assert {_group_of(n) for n in _elements_touched(diff)} == {"sg-web"}
 
 
-def test_rule_change_making_a_new_bucket_adds_a_set_and_rewrites_one_small_chain() -> None:
+def _many_web_members(t: Topo) -> None:
+    for n in range(100):
+        t["instances"].append(
+            {
+                "instance_id": f"i-w{n}",
+                "vswitch_id": "vsw-web",
+                "private_ip_address": f"10.0.1.{100 + n}",
+                "security_group_ids": ["sg-web"],
+            }
+        )
+
+
+def test_rule_change_costs_the_same_however_many_members_the_group_has() -> None:
+    small = diff_programs(*demo_programs(add_rule_in_bucket))
+
+    def big_then(edit: Callable[[Topo], None]) -> Callable[[Topo], None]:
+        def both(t: Topo) -> None:
+            _many_web_members(t)
+            edit(t)
+
+        return both
+
+    base = compile_vpc(edited(_many_web_members), "vpc-demo")
+    big = diff_programs(base, compile_vpc(edited(big_then(add_rule_in_bucket)), "vpc-demo"))
+    assert big == small
+    assert len(big) == 1
+
+
+def test_rule_change_making_a_new_bucket_adds_a_set_and_rewrites_the_members_chains() -> None:
     for edit in (add_rule, change_priority):
         old, new = demo_programs(edit)
         touched = _touched(diff_programs(old, new))
         structural = {(v, k, n) for v, k, n in touched if k not in ("element", "rule")}
-        new_sets = {n for v, k, n in structural if (v, k) == ("add", "set")}
-        assert len(new_sets) == 1 and structural == {("flush", "chain", "ingress")} | {
-            ("add", "set", n) for n in new_sets
-        }
-        assert {n for _, k, n in touched if k == "rule"} == {"ingress"}
-        assert len(new.chain_by_name["ingress"].rules) < 20
+        assert {n for v, k, n in structural if k == "chain"} == {"in_eni-web1", "in_eni-web2"}
+        assert {("add", "set")} == {(v, k) for v, k, n in structural if k == "set"}
+        assert {_group_of(n) for v, k, n in structural if k == "set"} == {"sg-web"}
+        assert {n for _, k, n in touched if k == "rule"} == {"in_eni-web1", "in_eni-web2"}
 
 
 def test_inner_policy_change_touches_only_intra_objects() -> None:

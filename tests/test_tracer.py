@@ -590,7 +590,7 @@ def test_packet_families_must_agree() -> None:
 
 UNSUPPORTED_RULES = [
     pytest.param(match(payload("tcp", "dport"), 22), id="tcp payload"),
-    pytest.param(match(meta("mark"), 1), id="meta mark alone"),
+    pytest.param(match(meta("mark"), 1), id="meta mark"),
     pytest.param(match({"ct": {"key": "status"}}, "dnat"), id="ct status"),
     pytest.param(match(payload("th", "dport"), 22, "<"), id="operator <"),
     pytest.param(match(meta("iifname"), "e*"), id="ifname wildcard"),
@@ -600,24 +600,6 @@ UNSUPPORTED_RULES = [
     pytest.param({"reject": None}, id="reject"),
     pytest.param({"queue": {"num": 1}}, id="queue"),
     pytest.param({"mangle": {"key": meta("mark"), "value": 1}}, id="mangle"),
-    pytest.param(
-        {
-            "mangle": {
-                "key": meta("priority"),
-                "value": {"map": {"key": meta("iifname"), "data": "@m"}},
-            }
-        },
-        id="mangle priority",
-    ),
-    pytest.param(
-        {
-            "mangle": {
-                "key": meta("mark"),
-                "value": {"map": {"key": meta("iifname"), "data": {"set": []}}},
-            }
-        },
-        id="mangle anonymous map",
-    ),
     pytest.param({"vmap": {"key": meta("iifname"), "data": {"map": []}}}, id="vmap data"),
     pytest.param({"jump": {"target": "x", "extra": 1}}, id="verdict keys"),
 ]

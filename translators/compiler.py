@@ -3,19 +3,20 @@
 Pure and deterministic: the output depends on the model's content, never on the
 order of its dicts. Only ids and numbers reach the program.
 
-Rules live in VPC-wide sets keyed by the ENI's port id (the packet mark), so a
-rule or membership change is an element change. Cost: the elements an ENI
-contributes to a bucket (one priority, policy, family and protocol class of one
-direction) are a function of the groups that contribute rules to it, not of the
-ENI, so their split into parts is cached under that group signature and reused
-by every ENI whose groups give the same bucket. Addresses, ports and protocols
-are int spans; overlap checks use an index on the peer CIDR, not all pairs.
+Rule sets belong to groups, chains to ENIs. Each group has one set per
+(direction, bucket, family, part) holding its rules' expanded elements (a CIDR;
+the live member addresses of a referenced group; a prefix list's entries). Each
+ENI's chain looks its packet up, bucket by bucket, in the sets of its own groups.
+So a rule change touches only its group's sets, whatever the group's size, and a
+packet's lookups are bounded by its ENI's groups' rules, never by the rest of the
+VPC. Addresses, ports and protocols are int spans; overlap checks use an index on
+the peer CIDR, not all pairs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from .network import (
     PROTOCOL_NUMBERS,
@@ -36,9 +37,6 @@ from .nft import (
     Concat,
     Ct,
     Key,
-    Mangle,
-    MapData,
-    MapLookup,
     Match,
     Meta,
     NftChain,
@@ -48,6 +46,7 @@ from .nft import (
     Program,
     SetRef,
     Span,
+    Verdict,
     VerdictMap,
     cyclic_gc_paused,
     jump,
@@ -62,35 +61,18 @@ _BITS = {"ipv4": 32, "ipv6": 128}
 _SHORT = {"ipv4": "v4", "ipv6": "v6"}
 _ADDR_TYPE = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
 _L3 = {"ipv4": "ip", "ipv6": "ip6"}
+_DIR_SHORT = {"egress": "out", "ingress": "in"}
 IFNAME = ("ifname",)
-# Five fields, not six: nftables 1.0.6 packs a concatenation's field types 6 bits
+# Five fields at most: nftables 1.0.6 packs a concatenation's field types 6 bits
 # each into 32 bits, so a sixth field garbles every listing of the set (the kernel
-# still matches right). The protocol is therefore matched before the lookup
-# (`meta l4proto N`), one set per protocol class.
-# Port-less classes (ICMP, ICMPv6, GRE, ALL: their rules match every port) have no
-# port fields: nft 1.0.6 cannot list `meta l4proto gre ... th dport` back (it
-# aborts) and lists ICMP's as `icmp checksum`.
+# still matches right). Every protocol goes through the same concatenation
+# (`meta l4proto . ... th dport . th sport ...`): nft 1.0.6 lists that back for ICMP,
+# ICMPv6 and GRE, while a separate `th dport` match after `meta l4proto gre` makes
+# `nft list` abort and after `meta l4proto icmp` lists as `icmp checksum`.
 RULE_SET_TYPE = {
-    (fam, ported): (
-        ("mark", _ADDR_TYPE[fam], "inet_service", "inet_service", _ADDR_TYPE[fam])
-        if ported
-        else ("mark", _ADDR_TYPE[fam], _ADDR_TYPE[fam])
-    )
+    fam: ("inet_proto", _ADDR_TYPE[fam], "inet_service", "inet_service", _ADDR_TYPE[fam])
     for fam in FAMILIES
-    for ported in (True, False)
 }
-# Protocol classes of the rule sets, in chain order; ALL is matched without `meta l4proto`.
-PROTO_CLASSES: dict[str, str] = {
-    "TCP": "tcp",
-    "UDP": "udp",
-    "ICMP": "icmp",
-    "ICMPv6": "icmpv6",
-    "GRE": "gre",
-    "ALL": "all",
-}
-_CLASS_RANK = {c: i for i, c in enumerate(PROTO_CLASSES.values())}
-_CLASS_PROTO = {PROTO_CLASSES[p]: n for p, n in PROTOCOL_NUMBERS.items()}
-_PORTED_CLASSES = frozenset({"tcp", "udp"})
 INTERVAL = ("interval",)
 
 ALL_PROTOS = Span(0, 255)
@@ -99,25 +81,27 @@ ALL_ADDRS = {fam: Span(0, (1 << bits) - 1) for fam, bits in _BITS.items()}
 
 _NFPROTO = {fam: Match(Meta("nfproto"), fam) for fam in FAMILIES}
 
-# Bucket order inside a chain: priority ascending, drop before accept, ipv4 first,
-# then protocol class (the last two only for a stable order: same verdict).
+# Bucket order inside a chain: priority ascending, drop before accept, ipv4 first.
 _POLICY_RANK = {"drop": 0, "accept": 1}
 _DIRECTIONS = ("egress", "ingress")
-# (priority, policy, family, protocol class)
-BucketKey = tuple[int, str, str, str]
+
+
+class BucketKey(NamedTuple):
+    priority: int
+    policy: str
+    family: str
+
+
+def _bucket_order(b: BucketKey) -> tuple[int, int, str]:
+    return (b.priority, _POLICY_RANK[b.policy], b.family)
 
 
 # A rule-set element: (proto, peer, dport, sport, local).
 RuleKey = tuple[Span, Span, Span, Span, Span]
-
-
-@dataclass(frozen=True, slots=True)
-class _Bucket:
-    """One ENI's share of one (direction, priority, policy, family, class) bucket: it
-    depends only on the ENI's contributing groups (the port id is added later)."""
-
-    parts: tuple[tuple[RuleKey, ...], ...]  # no two elements of one part overlap
-    rule_ids: tuple[str, ...]
+# Parts of one set: no two elements of one part overlap; each part sorted; at
+# least one part (`_0`, maybe empty, so that an element arriving in an empty
+# bucket, e.g. a referenced group's first member, is an element change).
+Parts = tuple[tuple[RuleKey, ...], ...]
 
 
 def _span(net: IPNetwork) -> Span:
@@ -187,6 +171,12 @@ def _relation(other: RuleKey, key: RuleKey) -> int:
     return 2 if contains else 1
 
 
+def group_set_name(group_id: str, direction: str, bkey: BucketKey, part: int) -> str:
+    """`g_<group>_<in|out>_p<prio>_<a|d>_<v4|v6>_<part>`."""
+    prio, policy, fam = bkey
+    return f"g_{group_id}_{_DIR_SHORT[direction]}_p{prio}_{policy[0]}_{_SHORT[fam]}_{part}"
+
+
 class _Compiler:
     def __init__(self, network: Network, vpc_id: str, table: str) -> None:
         self.net = network
@@ -195,13 +185,19 @@ class _Compiler:
         self.enis: list[Eni] = sorted(
             (e for e in network.enis.values() if e.vpc_id == vpc_id), key=lambda e: e.eni_id
         )
+        self.groups: list[SecurityGroup] = sorted(
+            (g for g in network.groups.values() if g.vpc_id == vpc_id), key=lambda g: g.group_id
+        )
         self._net_spans: dict[int, tuple[IPNetwork, Span]] = {}
         self._member_spans: dict[tuple[str, str], tuple[Span, ...]] = {}
-        # group id -> direction -> bucket key -> (keys, rule ids)
-        self._group_buckets: dict[
-            str, dict[str, dict[BucketKey, tuple[set[RuleKey], list[str]]]]
-        ] = {}
-        self._bucket_cache: dict[tuple[object, ...], _Bucket] = {}
+        self._pl_spans: dict[str, tuple[Span, ...]] = {}
+        # group id -> direction -> bucket -> parts (sorted buckets)
+        self._group_parts: dict[str, dict[str, dict[BucketKey, Parts]]] = {}
+        self._lookups = {
+            (direction, fam): self._lookup(direction, fam)
+            for direction in _DIRECTIONS
+            for fam in FAMILIES
+        }
 
     # ----------------------------------------------------------------- elements
 
@@ -213,27 +209,34 @@ class _Compiler:
             got = self._net_spans[id(net)] = (net, _span(net))
         return got[1]
 
+    def member_spans(self, group_id: str, fam: str) -> tuple[Span, ...]:
+        """Live private addresses of the group's members in this VPC, as /32 or /128 blocks."""
+        got = self._member_spans.get((group_id, fam))
+        if got is None:
+            version = 4 if fam == "ipv4" else 6
+            out: list[Span] = []
+            for eni_id in self.net.members(group_id):
+                eni = self.net.enis[eni_id]
+                if eni.vpc_id != self.vpc_id:
+                    continue
+                out.extend(Span(int(a), int(a)) for a in eni.addresses if a.version == version)
+            got = self._member_spans[(group_id, fam)] = tuple(out)
+        return got
+
+    def prefix_list_spans(self, pl_id: str) -> tuple[Span, ...]:
+        got = self._pl_spans.get(pl_id)
+        if got is None:
+            got = tuple(self.net_span(n) for n in self.net.prefix_lists[pl_id].entries)
+            self._pl_spans[pl_id] = got
+        return got
+
     def peer_spans(self, rule: Rule, fam: str) -> tuple[Span, ...]:
         peer = rule.peer
         if isinstance(peer, CidrPeer):
             return (self.net_span(peer.network),)
         if isinstance(peer, PrefixListPeer):
-            pl = self.net.prefix_lists[peer.prefix_list_id]
-            return tuple(self.net_span(n) for n in pl.entries)
+            return self.prefix_list_spans(peer.prefix_list_id)
         return self.member_spans(peer.group_id, fam)
-
-    def member_spans(self, group_id: str, fam: str) -> tuple[Span, ...]:
-        """Live addresses of the group's members, as /32 or /128 blocks."""
-        cached = self._member_spans.get((group_id, fam))
-        if cached is None:
-            version = 4 if fam == "ipv4" else 6
-            out = []
-            for eni_id in self.net.members(group_id):
-                for addr in self.net.enis[eni_id].addresses:
-                    if addr.version == version:
-                        out.append(Span(int(addr), int(addr)))
-            cached = self._member_spans[(group_id, fam)] = tuple(out)
-        return cached
 
     def rule_families(self, rule: Rule) -> list[str]:
         """The families a rule can match in: its protocol's, its peer's and its local CIDR's."""
@@ -250,6 +253,8 @@ class _Compiler:
         return [f for f in FAMILIES if f in fams]
 
     def rule_keys(self, rule: Rule, fam: str) -> list[RuleKey]:
+        """The rule's elements in `fam`: one per peer block (none while a referenced
+        group has no address of that family)."""
         number = PROTOCOL_NUMBERS.get(rule.protocol)
         proto = ALL_PROTOS if number is None else Span(number, number)
         dport = ALL_PORTS if rule.ports is None else Span(rule.ports.start, rule.ports.end)
@@ -261,122 +266,89 @@ class _Compiler:
         local = ALL_ADDRS[fam] if rule.local is None else self.net_span(rule.local)
         return [(proto, peer, dport, sport, local) for peer in self.peer_spans(rule, fam)]
 
-    def group_buckets(
-        self, group: SecurityGroup
-    ) -> dict[str, dict[BucketKey, tuple[set[RuleKey], list[str]]]]:
-        got = self._group_buckets.get(group.group_id)
+    def group_parts(self, group: SecurityGroup) -> dict[str, dict[BucketKey, Parts]]:
+        """Per direction, the group's buckets (every one a rule of it can reach, even
+        while its expansion is empty) and their parts."""
+        got = self._group_parts.get(group.group_id)
         if got is None:
-            got = {"egress": {}, "ingress": {}}
+            keys: dict[str, dict[BucketKey, set[RuleKey]]] = {d: {} for d in _DIRECTIONS}
             for rule in group.rules:
-                cls = PROTO_CLASSES[rule.protocol]
                 for fam in self.rule_families(rule):
-                    keys, ids = got[rule.direction].setdefault(
-                        (rule.priority, rule.policy, fam, cls), (set(), [])
-                    )
-                    keys.update(self.rule_keys(rule, fam))
-                    ids.append(rule.rule_id)
-            self._group_buckets[group.group_id] = got
+                    bkey = BucketKey(rule.priority, rule.policy, fam)
+                    keys[rule.direction].setdefault(bkey, set()).update(self.rule_keys(rule, fam))
+            got = {
+                d: {
+                    bkey: tuple(tuple(sorted(p)) for p in split_parts(ks)) or ((),)
+                    for bkey, ks in sorted(keys[d].items(), key=lambda kv: _bucket_order(kv[0]))
+                }
+                for d in _DIRECTIONS
+            }
+            self._group_parts[group.group_id] = got
         return got
 
-    def bucket(self, direction: str, bkey: BucketKey, groups: Sequence[SecurityGroup]) -> _Bucket:
-        """The bucket pooled from `groups` (those that have rules in it), cached by signature."""
-        contributing = [g for g in groups if bkey in self.group_buckets(g)[direction]]
-        sig = (direction, bkey, tuple(g.group_id for g in contributing))
-        cached = self._bucket_cache.get(sig)
-        if cached is None:
-            keys: set[RuleKey] = set()
-            ids: set[str] = set()
-            for g in contributing:
-                gkeys, gids = self.group_buckets(g)[direction][bkey]
-                keys |= gkeys
-                ids.update(gids)
-            parts = split_parts(keys)
-            cached = _Bucket(tuple(tuple(p) for p in parts), tuple(sorted(ids)))
-            self._bucket_cache[sig] = cached
-        return cached
+    def group_sets(self, group: SecurityGroup) -> list[NftSet]:
+        return [
+            NftSet(
+                group_set_name(group.group_id, d, bkey, k),
+                RULE_SET_TYPE[bkey.family],
+                part,
+                INTERVAL,
+            )
+            for d in _DIRECTIONS
+            for bkey, parts in self.group_parts(group)[d].items()
+            for k, part in enumerate(parts)
+        ]
 
     # ----------------------------------------------------------------- chains
 
     @staticmethod
-    def _lookup(direction: str, fam: str, ported: bool) -> Concat:
+    def _lookup(direction: str, fam: str) -> Concat:
         l3 = _L3[fam]
         peer, local = ("daddr", "saddr") if direction == "egress" else ("saddr", "daddr")
-        ports = (Payload("th", "dport"), Payload("th", "sport")) if ported else ()
-        return Concat((Meta("mark"), Payload(l3, peer), *ports, Payload(l3, local)))
-
-    def rule_chain(self, direction: str, sets: list[NftSet]) -> NftChain:
-        """`egress` / `ingress`: set the port id, one lookup per VPC-wide (bucket, family,
-        class, part), then the default."""
-        vpc_groups = [
-            g
-            for g in sorted(self.net.groups.values(), key=lambda g: g.group_id)
-            if g.vpc_id == self.vpc_id
-        ]
-        bkeys: set[BucketKey] = set()
-        for g in vpc_groups:
-            bkeys.update(self.group_buckets(g)[direction])
-        # bucket key -> part -> elements (port id . peer . dport . sport . local)
-        elements: dict[BucketKey, list[list[Key]]] = {b: [[]] for b in bkeys}
-        for eni in self.enis:
-            groups = sorted(
-                (self.net.groups[g] for g in set(eni.group_ids)), key=lambda g: g.group_id
+        return Concat(
+            (
+                Meta("l4proto"),
+                Payload(l3, peer),
+                Payload("th", "dport"),
+                Payload("th", "sport"),
+                Payload(l3, local),
             )
-            mine: set[BucketKey] = set()
-            for g in groups:
-                mine.update(self.group_buckets(g)[direction])
-            pid = Span(eni.port_id, eni.port_id)
-            for bkey in mine:
-                parts = elements[bkey]
-                ported = bkey[3] in _PORTED_CLASSES
-                for k, part in enumerate(self.bucket(direction, bkey, groups).parts):
-                    if k == len(parts):
-                        parts.append([])
-                    if ported:
-                        parts[k].extend((pid, *key[1:]) for key in part)
-                    else:  # the port fields are always 0-65535 here
-                        parts[k].extend((pid, key[1], key[4]) for key in part)
+        )
 
-        port = Meta("iifname" if direction == "egress" else "oifname")
-        rules: list[NftRule] = [
-            NftRule(
-                (Mangle(Meta("mark"), MapLookup(port, SetRef("port_ids"))),),
-                f"port id of the {port.key}",
-            )
-        ]
-        lookups = {
-            (fam, ported): self._lookup(direction, fam, ported)
-            for fam in FAMILIES
-            for ported in (True, False)
-        }
-        for bkey in sorted(
-            bkeys, key=lambda b: (b[0], _POLICY_RANK[b[1]], b[2], _CLASS_RANK[b[3]])
-        ):
-            prio, policy, fam, cls = bkey
+    def rule_chain(self, eni: Eni, direction: str) -> NftChain:
+        """`out_<eni>` / `in_<eni>`: per bucket (union of its groups'), per group of the ENI
+        having it and per part, one lookup in the group's set; then the default."""
+        groups = sorted((self.net.groups[g] for g in set(eni.group_ids)), key=lambda g: g.group_id)
+        having: dict[BucketKey, list[SecurityGroup]] = {}
+        for g in groups:
+            for bkey in self.group_parts(g)[direction]:
+                having.setdefault(bkey, []).append(g)
+        name = f"{_DIR_SHORT[direction]}_{eni.eni_id}"
+        rules: list[NftRule] = []
+        for bkey in sorted(having, key=_bucket_order):
+            prio, policy, fam = bkey
             verdict = DROP if policy == "drop" else RETURN
-            base = f"{direction}_p{prio}_{policy[0]}_{_SHORT[fam]}_{cls}"
-            head: tuple[Match, ...] = (_NFPROTO[fam],)
-            if cls in _CLASS_PROTO:
-                head += (Match(Meta("l4proto"), _CLASS_PROTO[cls]),)
-            for k, elems in enumerate(elements[bkey]):
-                name = f"{base}_{k}"
-                ported = cls in _PORTED_CLASSES
-                sets.append(make_set(name, RULE_SET_TYPE[(fam, ported)], elems, INTERVAL))
-                rules.append(
-                    NftRule(
-                        (*head, Match(lookups[(fam, ported)], SetRef(name)), verdict),
-                        f"p{prio} {policy} {fam} {cls} part {k}",
+            nfproto = _NFPROTO[fam]
+            lookup = self._lookups[(direction, fam)]
+            for g in having[bkey]:
+                for k in range(len(self.group_parts(g)[direction][bkey])):
+                    rules.append(
+                        NftRule(
+                            (
+                                nfproto,
+                                Match(
+                                    lookup, SetRef(group_set_name(g.group_id, direction, bkey, k))
+                                ),
+                                verdict,
+                            ),
+                            safe_comment(f"p{prio} {policy} {fam} {g.group_id} part {k}"),
+                        )
                     )
-                )
-        if direction == "egress":
-            rules.append(
-                NftRule(
-                    (Match(Meta("iifname"), SetRef("advanced_ports")), DROP),
-                    "default egress advanced",
-                )
-            )
-        else:
-            rules.append(NftRule((DROP,), "default ingress"))
-        return NftChain(direction, tuple(rules))
+        advanced = any(not g.is_basic for g in groups)
+        default = DROP if direction == "ingress" or advanced else RETURN
+        kind = "advanced" if advanced else "basic"
+        rules.append(NftRule((default,), safe_comment(f"default {direction} {kind} {eni.eni_id}")))
+        return NftChain(name, tuple(rules))
 
     # ----------------------------------------------------------------- program
 
@@ -394,30 +366,18 @@ class _Compiler:
                 fam = "ipv4" if a.version == 4 else "ipv6"
                 port_addrs[fam].add((p.ifname, Span(int(a), int(a))))
         sets.append(make_set("ports", IFNAME, ports))
-        sets.append(make_set("eni_ports", IFNAME, ((e.ifname,) for e in self.enis)))
-        sets.append(
-            make_set(
-                "advanced_ports",
-                IFNAME,
-                (
-                    (e.ifname,)
-                    for e in self.enis
-                    if any(not self.net.groups[g].is_basic for g in e.group_ids)
-                ),
-            )
-        )
         for fam in FAMILIES:
             sets.append(
                 make_set(f"port_addrs_{_SHORT[fam]}", ("ifname", _ADDR_TYPE[fam]), port_addrs[fam])
             )
+        for g in self.groups:
+            sets.extend(self.group_sets(g))
 
         # Intra-group shortcut: one port set per basic Accept group of the VPC
         # (kept while empty, so joining it only adds an element).
-        intra_groups = sorted(
-            g.group_id
-            for g in self.net.groups.values()
-            if g.vpc_id == self.vpc_id and g.is_basic and g.inner_access_policy == "Accept"
-        )
+        intra_groups = [
+            g.group_id for g in self.groups if g.is_basic and g.inner_access_policy == "Accept"
+        ]
         for gid in intra_groups:
             members = [self.net.enis[e] for e in self.net.members(gid)]
             sets.append(
@@ -429,10 +389,10 @@ class _Compiler:
             )
         accept_groups = set(intra_groups)
 
-        intra: dict[Key, MapData] = {}
-        port_ids: dict[Key, MapData] = {}
+        intra: dict[Key, Verdict] = {}
+        egress: dict[Key, Verdict] = {}
+        ingress: dict[Key, Verdict] = {}
         for eni in self.enis:
-            port_ids[(eni.ifname,)] = eni.port_id
             mine = sorted(set(eni.group_ids) & accept_groups)
             if mine:
                 chains.append(
@@ -448,11 +408,14 @@ class _Compiler:
                     )
                 )
                 intra[(eni.ifname,)] = jump(f"intra_{eni.eni_id}")
-        for direction in _DIRECTIONS:
-            chains.append(self.rule_chain(direction, sets))
+            chains.append(self.rule_chain(eni, "egress"))
+            chains.append(self.rule_chain(eni, "ingress"))
+            egress[(eni.ifname,)] = jump(f"out_{eni.eni_id}")
+            ingress[(eni.ifname,)] = jump(f"in_{eni.eni_id}")
         maps = [
             make_map("intra_dispatch", IFNAME, intra),
-            make_map("port_ids", IFNAME, port_ids, "mark"),
+            make_map("egress_dispatch", IFNAME, egress),
+            make_map("ingress_dispatch", IFNAME, ingress),
         ]
         chains.append(forward_chain())
         return Program("inet", self.table, tuple(sets), tuple(maps), tuple(chains))
@@ -489,10 +452,8 @@ def forward_chain() -> NftChain:
                 "conntrack",
             ),
             NftRule((VerdictMap(Meta("oifname"), SetRef("intra_dispatch")),), "intra-group"),
-            NftRule((Match(Meta("iifname"), SetRef("eni_ports")), jump("egress")), "sender egress"),
-            NftRule(
-                (Match(Meta("oifname"), SetRef("eni_ports")), jump("ingress")), "receiver ingress"
-            ),
+            NftRule((VerdictMap(Meta("iifname"), SetRef("egress_dispatch")),), "sender egress"),
+            NftRule((VerdictMap(Meta("oifname"), SetRef("ingress_dispatch")),), "receiver ingress"),
             NftRule((Match(Meta("oifname"), SetRef("ports")), ACCEPT), "known ports"),
         ),
         BaseHook("filter", "forward", 0, "drop"),

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TypeVar
 
-from .nft import Command, Key, MapData, NftChain, NftMap, NftSet, Program, Verdict, Writer
+from .nft import Command, Key, NftChain, NftMap, NftSet, Program, Verdict, Writer
 
 
 def diff_programs(old: Program | None, new: Program) -> list[Command]:
@@ -80,8 +80,8 @@ def diff_programs(old: Program | None, new: Program) -> list[Command]:
         was_map = old.map_by_name.get(m.name)
         if was_map is not None and was_map.elements != m.elements:
             gone_items, added_items = _delta(was_map.elements, m.elements)
-            # A key whose data (verdict, mark) changed is deleted and re-added:
-            # maps cannot update an element's data in place.
+            # A key whose verdict changed is deleted and re-added: maps cannot
+            # update an element's data in place.
             gone_keys = [k for k, _ in gone_items]
             if gone_keys:
                 element_deletes.append(w.delete_elements(m.name, w.set_elements(m.type, gone_keys)))
@@ -94,7 +94,7 @@ def diff_programs(old: Program | None, new: Program) -> list[Command]:
     return head + flushes + element_deletes + element_adds + rules + tail
 
 
-_Elem = TypeVar("_Elem", Key, tuple[Key, MapData])
+_Elem = TypeVar("_Elem", Key, tuple[Key, Verdict])
 
 
 def _delta(old: Iterable[_Elem], new: Iterable[_Elem]) -> tuple[list[_Elem], list[_Elem]]:
@@ -107,9 +107,8 @@ def _delta(old: Iterable[_Elem], new: Iterable[_Elem]) -> tuple[list[_Elem], lis
     return sorted(old_set - new_set, key=_sort_key), sorted(new_set - old_set, key=_sort_key)
 
 
-def _sort_key(e: Key | tuple[Key, MapData]) -> Key:
-    # A set key's fields are str or Span (a tuple); map data is a Verdict or an int.
-    if len(e) == 2 and isinstance(e[1], Verdict | int):
+def _sort_key(e: Key | tuple[Key, Verdict]) -> Key:
+    if len(e) == 2 and isinstance(e[1], Verdict):
         first = e[0]
         assert isinstance(first, tuple)
         return first

@@ -64,7 +64,7 @@ def safe_comment(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Meta:
-    key: str  # nfproto, l4proto, iifname, oifname, mark
+    key: str  # nfproto, l4proto, iifname, oifname
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,23 +129,7 @@ class VerdictMap:
     data: SetRef | tuple[tuple[str, Verdict], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class MapLookup:
-    """``key map @name``: the data a named (non-verdict) map holds for the key."""
-
-    key: Expr
-    data: SetRef
-
-
-@dataclass(frozen=True, slots=True)
-class Mangle:
-    """``meta mark set <value>``: writes a packet's meta key (only ``mark`` is written)."""
-
-    key: Meta
-    value: MapLookup
-
-
-Statement: TypeAlias = Match | VerdictMap | Mangle | Verdict
+Statement: TypeAlias = Match | VerdictMap | Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +146,6 @@ class NftRule:
         for st in self.statements:
             if isinstance(st, Match) and isinstance(st.right, SetRef):
                 yield st.right.name
-            elif isinstance(st, Mangle):
-                yield st.value.data.name
             elif isinstance(st, VerdictMap):
                 if isinstance(st.data, SetRef):
                     yield st.data.name
@@ -205,27 +187,16 @@ class NftSet:
         return (self.name, self.type, self.flags)
 
 
-# What a map holds for a key: a verdict (``verdict`` maps) or an integer (``mark`` maps).
-MapData: TypeAlias = Verdict | int
-
-
 @dataclass(frozen=True, slots=True)
 class NftMap:
-    """A named map keyed by `type` to `data` (``verdict`` or ``mark``); elements sorted
-    by key (see `make_map`)."""
+    """A named verdict map keyed by `type`; elements sorted by key (see `make_map`)."""
 
     name: str
     type: tuple[str, ...]
-    elements: tuple[tuple[Key, MapData], ...] = ()
-    data: Literal["verdict", "mark"] = "verdict"
-
-    def __post_init__(self) -> None:
-        want = Verdict if self.data == "verdict" else int
-        if not all(isinstance(v, want) for _, v in self.elements):
-            raise ValueError(f"map {self.name}: data must all be {self.data}")
+    elements: tuple[tuple[Key, Verdict], ...] = ()
 
     def definition(self) -> tuple[object, ...]:
-        return (self.name, self.type, self.data)
+        return (self.name, self.type, "verdict")
 
 
 def make_set(
@@ -234,13 +205,8 @@ def make_set(
     return NftSet(name, type_, tuple(sorted(set(elements))), flags)
 
 
-def make_map(
-    name: str,
-    type_: tuple[str, ...],
-    elements: Mapping[Key, MapData],
-    data: Literal["verdict", "mark"] = "verdict",
-) -> NftMap:
-    return NftMap(name, type_, tuple(sorted(elements.items(), key=lambda kv: kv[0])), data)
+def make_map(name: str, type_: tuple[str, ...], elements: Mapping[Key, Verdict]) -> NftMap:
+    return NftMap(name, type_, tuple(sorted(elements.items(), key=lambda kv: kv[0])))
 
 
 @dataclass(frozen=True)
@@ -349,11 +315,6 @@ def render_verdict(v: Verdict) -> JsonObj:
     return {v.kind: None}
 
 
-def render_data(v: MapData) -> JsonObj | int:
-    """A map element's data: a verdict, or a mark as the integer nft lists it."""
-    return render_verdict(v) if isinstance(v, Verdict) else v
-
-
 class _KeyRenderer:
     """Renders set keys by field type, memoised.
 
@@ -378,7 +339,7 @@ class _KeyRenderer:
     @staticmethod
     def _span(type_: str, s: Span) -> Any:
         bits = _ADDR_BITS.get(type_)
-        if bits is None:  # inet_proto, inet_service, mark
+        if bits is None:  # inet_proto, inet_service
             return s.lo if s.lo == s.hi else {"range": [s.lo, s.hi]}
         addr = ipaddress.IPv4Address(s.lo) if bits == 32 else ipaddress.IPv6Address(s.lo)
         if s.lo == s.hi:
@@ -447,9 +408,6 @@ class Writer:
         out: JsonObj
         if isinstance(st, Verdict):
             out = render_verdict(st)
-        elif isinstance(st, Mangle):
-            value = {"map": {"key": self._expr(st.value.key), "data": f"@{st.value.data.name}"}}
-            out = {"mangle": {"key": self._expr(st.key), "value": value}}
         elif isinstance(st, Match):
             right: Any = f"@{st.right.name}" if isinstance(st.right, SetRef) else st.right
             out = {"match": {"op": st.op, "left": self._expr(st.left), "right": right}}
@@ -482,7 +440,7 @@ class Writer:
         return {"add": {"set": body}}
 
     def add_map(self, m: NftMap) -> Command:
-        body = self._obj(name=m.name, type=self._type(m.type), map=m.data)
+        body = self._obj(name=m.name, type=self._type(m.type), map="verdict")
         if m.elements:
             body["elem"] = self.map_elements(m.type, m.elements)
         return {"add": {"map": body}}
@@ -498,9 +456,9 @@ class Writer:
         return [key(type_, k) for k in keys]
 
     def map_elements(
-        self, type_: tuple[str, ...], items: Iterable[tuple[Key, MapData]]
+        self, type_: tuple[str, ...], items: Iterable[tuple[Key, Verdict]]
     ) -> list[Any]:
-        return [[self._keys.key(type_, k), render_data(v)] for k, v in items]
+        return [[self._keys.key(type_, k), render_verdict(v)] for k, v in items]
 
     def add_elements(self, name: str, elem: list[Any]) -> Command:
         return {"add": {"element": self._obj(name=name, elem=elem)}}

@@ -25,11 +25,6 @@ cover 0 as well, i.e. the full 0-65535 range the compiler writes for such
 rules; an element that covered only some ports would miss 0 and the trace
 would disagree with the evaluator.
 
-The packet mark starts at `Packet.mark` (0) and is written only by
-``meta mark set <key> map @<mark map>``; a key missing from the map ends the
-rule without a verdict and leaves the mark alone, as in the kernel. ``meta
-mark`` is read only inside concatenations (rule-set keys).
-
 Evaluation: the one base chain with hook forward; its rules in order; a
 verdict map lookup that finds no element, or a match that fails, moves on to
 the next rule; ``jump`` pushes the next rule of the current chain, ``goto``
@@ -106,7 +101,6 @@ class Packet:
     sport: int = 0
     dport: int = 0
     ct_state: CtState = "new"
-    mark: int = 0  # the packet's mark as it reaches the forward hook
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +128,7 @@ Interval: TypeAlias = tuple[Scalar, Scalar]
 Element: TypeAlias = tuple[Interval, ...]
 
 _INTERVAL_TYPES = frozenset({"ipv4_addr", "ipv6_addr", "inet_proto", "inet_service"})
-_KNOWN_TYPES = frozenset({*_INTERVAL_TYPES, "ifname", "ct_state", "nf_proto", "mark"})
-_MARK_MAX = (1 << 32) - 1
+_KNOWN_TYPES = frozenset({*_INTERVAL_TYPES, "ifname", "ct_state", "nf_proto"})
 
 
 def _is_int(raw: object) -> bool:
@@ -158,8 +151,6 @@ def _scalar(typ: str, raw: object) -> Scalar:
             if isinstance(raw, str) and raw in _PROTO_NAMES:
                 return _PROTO_NAMES[raw]
         if typ == "inet_service" and _is_int(raw) and 0 <= raw <= 65535:  # type: ignore[operator]
-            return raw  # type: ignore[return-value]
-        if typ == "mark" and _is_int(raw) and 0 <= raw <= _MARK_MAX:  # type: ignore[operator]
             return raw  # type: ignore[return-value]
         if typ == "ct_state" and isinstance(raw, str) and raw in _CT_STATES:
             return raw
@@ -249,19 +240,17 @@ class _Verdict:
 
 @dataclass
 class _Set:
-    """A named set, verdict map or mark map, with its elements."""
+    """A named set or verdict map, with its elements."""
 
     name: str
     types: tuple[str, ...]
     interval: bool
     is_map: bool
     elements: list[Element] = field(default_factory=list)
-    # Parallel to elements, maps only: verdicts, or marks (ints) for a mark map.
-    data: list[_Verdict | int] = field(default_factory=list)
-    data_type: str = ""  # "verdict" or "mark" for maps
+    data: list[_Verdict] = field(default_factory=list)  # parallel to elements, maps only
     _index: dict[Element, int] = field(default_factory=dict)
 
-    def add(self, key: Element, verdict: _Verdict | int | None) -> None:
+    def add(self, key: Element, verdict: _Verdict | None) -> None:
         old = self._index.get(key)
         if old is not None:
             # Adding an existing element again is a no-op ("add", not "create");
@@ -328,15 +317,7 @@ class _VMap:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class _SetMark:
-    """``meta mark set KEY map @MAP``: no element breaks the rule (as in the kernel)."""
-
-    lookup: _Lookup
-    text: str
-
-
-_Stmt: TypeAlias = _Match | _VMap | _SetMark | _Verdict | None  # None: a counter
+_Stmt: TypeAlias = _Match | _VMap | _Verdict | None  # None: a counter, which decides nothing
 
 
 @dataclass
@@ -364,7 +345,6 @@ _META = {
     "oifname": _Selector("oifname", "ifname"),
     "nfproto": _Selector("meta nfproto", "nf_proto"),
     "l4proto": _Selector("meta l4proto", "inet_proto"),
-    "mark": _Selector("meta mark", "mark"),
 }
 _PAYLOAD = {
     ("ip", "saddr"): _Selector("ip saddr", "ipv4_addr"),
@@ -405,11 +385,7 @@ def _key(raw: object) -> tuple[_Selector, ...]:
         if not isinstance(parts, list) or len(parts) < 2:
             raise UnsupportedExpression(f"concatenation {raw!r}")
         return tuple(_selector(p) for p in parts)
-    sel = _selector(raw)
-    if sel == _META["mark"]:
-        # The compiler reads the mark only as the first field of a rule-set key.
-        raise UnsupportedExpression(f"meta mark outside a concatenation: {raw!r}")
-    return (sel,)
+    return (_selector(raw),)
 
 
 def _verdict(raw: object) -> _Verdict | None:
@@ -428,13 +404,6 @@ def _verdict(raw: object) -> _Verdict | None:
     if body is not None:
         raise UnsupportedExpression(f"verdict {raw!r}")
     return _Verdict(kind)
-
-
-def _mark(raw: object) -> int:
-    """A mark map's data: nft writes and lists it as an integer."""
-    if not (_is_int(raw) and 0 <= raw <= _MARK_MAX):  # type: ignore[operator]
-        raise UnsupportedExpression(f"mark {raw!r}")
-    return raw  # type: ignore[return-value]
 
 
 def _map_verdict(raw: object) -> _Verdict:
@@ -585,7 +554,7 @@ class Ruleset:
         for t in types:
             if t not in _KNOWN_TYPES:
                 raise UnsupportedExpression(f"set {name}: type {t}")
-        if is_map and spec.get("map") not in ("verdict", "mark"):
+        if is_map and spec.get("map") != "verdict":
             raise UnsupportedExpression(f"map {name}: data type {spec.get('map')!r}")
         if not is_map and "map" in spec:
             raise InvalidProgram(f"set {name} has a data type")
@@ -593,11 +562,11 @@ class Ruleset:
         flags = [flags] if isinstance(flags, str) else flags
         if not isinstance(flags, list) or set(flags) - {"interval"}:
             raise UnsupportedExpression(f"set {name}: flags {flags!r}")
-        new = _Set(name, types, "interval" in flags, is_map, data_type=str(spec.get("map", "")))
+        new = _Set(name, types, "interval" in flags, is_map)
         old = self.sets.get(name)
         if old is None:
             self.sets[name] = new
-        elif (old.types, old.interval, old.data_type) != (new.types, new.interval, new.data_type):
+        elif (old.types, old.interval, old.is_map) != (new.types, new.interval, new.is_map):
             raise InvalidProgram(f"set {name} redefined differently")
         self._elements(name, spec.get("elem", []))
 
@@ -616,10 +585,7 @@ class Ruleset:
                 if not (isinstance(item, list) and len(item) == 2):
                     raise InvalidProgram(f"map {name}: element {item!r} is not [key, verdict]")
                 key = _element(target.types, item[0], ranges_ok=target.interval)
-                if target.data_type == "mark":
-                    target.add(key, _mark(item[1]))
-                else:
-                    target.add(key, _map_verdict(item[1]))
+                target.add(key, _map_verdict(item[1]))
             else:
                 target.add(_element(target.types, item, ranges_ok=target.interval), None)
 
@@ -660,8 +626,6 @@ class Ruleset:
             return None  # counts, decides nothing
         if kind == "match" and isinstance(body, dict) and set(body) == {"op", "left", "right"}:
             return self._match(body)
-        if kind == "mangle" and isinstance(body, dict) and set(body) == {"key", "value"}:
-            return self._set_mark(body)
         if kind == "vmap" and isinstance(body, dict) and set(body) == {"key", "data"}:
             key = _key(body["key"])
             data = body["data"]
@@ -708,32 +672,12 @@ class Ruleset:
         text = f"{_show_key(key)} {'!= ' if negate else ''}{_show_value(right, types)}"
         return _Match(lookup, negate, text)
 
-    def _set_mark(self, body: Mapping[str, Any]) -> _SetMark:
-        """Only ``meta mark set <key> map @<mark map>``: the one mangle the compiler writes."""
-        if _selector(body["key"]) != _META["mark"]:
-            raise UnsupportedExpression(f"mangle of {body['key']!r}")
-        kind, value = _one_key(body["value"], "mangle value")
-        if not (
-            kind == "map"
-            and isinstance(value, dict)
-            and set(value) == {"key", "data"}
-            and isinstance(value["data"], str)
-        ):
-            raise UnsupportedExpression(f"mangle value {body['value']!r}")
-        key = _key(value["key"])
-        lookup = self._named(key, value["data"], want_map=True, data_type="mark")
-        return _SetMark(lookup, f"meta mark set {_show_key(key)} map {value['data']}")
-
-    def _named(
-        self, key: tuple[_Selector, ...], ref: str, *, want_map: bool, data_type: str = "verdict"
-    ) -> _Lookup:
+    def _named(self, key: tuple[_Selector, ...], ref: str, *, want_map: bool) -> _Lookup:
         target = self.sets.get(ref[1:]) if ref.startswith("@") else None
         if target is None:
             raise InvalidProgram(f"reference to unknown set {ref!r}")
         if target.is_map != want_map:
             raise InvalidProgram(f"{ref} is a {'map' if target.is_map else 'set'}")
-        if want_map and target.data_type != data_type:
-            raise InvalidProgram(f"{ref} maps to {target.data_type}, not {data_type}")
         if tuple(s.typ for s in key) != target.types:
             raise InvalidProgram(
                 f"{_show_key(key)} looked up in {ref} of type {' . '.join(target.types)}"
@@ -741,9 +685,7 @@ class Ruleset:
         return _Lookup(key, target.name)
 
     def _check_targets(self) -> None:
-        verdicts: list[_Verdict] = [
-            v for s in self.sets.values() for v in s.data if isinstance(v, _Verdict)
-        ]
+        verdicts: list[_Verdict] = [v for s in self.sets.values() for v in s.data]
         for chain in self.chains.values():
             for rule in chain.rules:
                 for stmt in rule.stmts:
@@ -797,11 +739,8 @@ class Ruleset:
                     raise InvalidProgram(f"jump stack deeper than {MAX_JUMP_DEPTH}: a loop?")
             chain, index = self.chains[verdict.target], 0
 
-    def _run(self, rule: _Rule, values: dict[str, Scalar]) -> tuple[_Verdict | None, str]:
-        """The rule's verdict for the packet (None: go on), and a note for the trace.
-
-        A mark statement writes `values` (the packet's mark) for the rest of the trace.
-        """
+    def _run(self, rule: _Rule, values: Mapping[str, Scalar]) -> tuple[_Verdict | None, str]:
+        """The rule's verdict for the packet (None: go on), and a note for the trace."""
         for stmt in rule.stmts:
             if stmt is None or isinstance(stmt, _Verdict):
                 if stmt is not None:
@@ -819,14 +758,7 @@ class Ruleset:
                 return None, f"no element for {_show_key(stmt.lookup.key)}"
             lookup = stmt.lookup
             data = self.sets[lookup.set_name].data if lookup.set_name else lookup.data
-            if isinstance(stmt, _SetMark):
-                mark = data[found]
-                assert isinstance(mark, int)
-                values["meta mark"] = mark
-                continue
-            verdict = data[found]
-            assert isinstance(verdict, _Verdict)
-            return verdict, f"{_show_key(stmt.lookup.key)} found"
+            return data[found], f"{_show_key(stmt.lookup.key)} found"
         return None, "match, no verdict"
 
     def _find(self, lookup: _Lookup, values: Mapping[str, Scalar]) -> int | None:
@@ -848,7 +780,7 @@ def _value(values: Mapping[str, Scalar], sel: _Selector) -> Scalar:
 
 
 def _show_stmt(stmt: _Stmt) -> str:
-    if isinstance(stmt, _Match | _VMap | _SetMark):
+    if isinstance(stmt, _Match | _VMap):
         return stmt.text
     return str(stmt)
 
@@ -871,8 +803,6 @@ def _packet_values(packet: Packet) -> dict[str, Scalar]:
         raise ValueError(f"l4proto {packet.l4proto} is not 0..255")
     if not (0 <= packet.sport <= 65535 and 0 <= packet.dport <= 65535):
         raise ValueError(f"ports {packet.sport}, {packet.dport} are not 0..65535")
-    if not 0 <= packet.mark <= _MARK_MAX:
-        raise ValueError(f"mark {packet.mark} is not a 32-bit value")
     if packet.ct_state not in _CT_STATES:
         raise ValueError(f"ct state {packet.ct_state!r}")
     ip = "ip" if src.version == 4 else "ip6"
@@ -886,7 +816,6 @@ def _packet_values(packet: Packet) -> dict[str, Scalar]:
         "th sport": packet.sport,
         "th dport": packet.dport,
         "ct state": packet.ct_state,
-        "meta mark": packet.mark,
     }
 
 
