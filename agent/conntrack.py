@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from nftsg.translators.compiler import REVOKED_CT_MARK
 from nftsg.translators.evaluator import Flow
 
 from .nft_backend import NETNS_DIR, check_namespace_name
@@ -135,28 +136,11 @@ class Conntracker:
     def delete_flows(self, namespace: str, entries: Iterable[FlowEntry]) -> int:
         """Delete the entries; returns how many existed. Gone ones are not errors."""
         from pyroute2.netlink.exceptions import NetlinkError
-        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
         deleted = 0
         for flow in entries:
             sock = self._socket(namespace, flow.family)
-            icmp = flow.proto in _ICMP_PROTOS
-            orig = NFCTAttrTuple(
-                family=flow.family,
-                saddr=flow.src,
-                daddr=flow.dst,
-                proto=flow.proto,
-                sport=None if icmp else flow.sport,
-                dport=None if icmp else flow.dport,
-                icmp_id=flow.icmp_id if icmp else None,
-                icmp_type=flow.icmp_type if icmp else None,
-                icmp_code=flow.icmp_code if icmp else None,
-            )
-            extra: dict[str, Any] = {}
-            if flow.ct_id is not None:
-                extra["id"] = flow.ct_id
-            if flow.zone:
-                extra["zone"] = flow.zone
+            orig, extra = _tuple_of(flow)
             try:
                 sock.entry("del", tuple_orig=orig, **extra)
             except NetlinkError as exc:
@@ -172,6 +156,50 @@ class Conntracker:
                 ) from exc
             deleted += 1
         return deleted
+
+    def set_marks(self, namespace: str, marks: Iterable[tuple[FlowEntry, int]]) -> int:
+        """Set the conntrack mark of each entry; returns how many still existed."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        updated = 0
+        for flow, mark in marks:
+            sock = self._socket(namespace, flow.family)
+            orig, extra = _tuple_of(flow)
+            try:
+                sock.entry("set", tuple_orig=orig, mark=mark, **extra)
+            except NetlinkError as exc:
+                if exc.code == errno.ENOENT:
+                    continue  # timed out or closed meanwhile
+                raise ConntrackError(
+                    f"cannot mark conntrack entry {flow}: {exc}", namespace=namespace
+                ) from exc
+            except OSError as exc:
+                self._drop(namespace)
+                raise ConntrackError(
+                    f"cannot mark conntrack entry {flow}: {exc}", namespace=namespace
+                ) from exc
+            updated += 1
+        return updated
+
+    def judge(self, namespace: str, predicate: Predicate, revoked_mark: int) -> int:
+        """Mark every tracked flow that `predicate` rejects with `revoked_mark`, and clear
+        the mark of marked flows it accepts again. Returns how many flows were newly cut.
+
+        The ruleset drops packets of marked flows in both directions, so a revoked
+        flow stops at once; its entry stays (until it times out), so the responder
+        cannot restart it the other way round, and a restored rule revives it.
+        """
+        changes: list[tuple[FlowEntry, int]] = []
+        cut = 0
+        for flow in self.list_flows(namespace):
+            want = 0 if predicate(flow) else revoked_mark
+            if flow.mark != want:
+                changes.append((flow, want))
+                cut += want == revoked_mark
+        if changes:
+            log.info("%d flow(s) cut, %d revived in %s", cut, len(changes) - cut, namespace)
+        self.set_marks(namespace, changes)
+        return cut
 
     def prune(self, namespace: str, predicate: Predicate) -> int:
         """Delete every entry whose original tuple `predicate` rejects (False).
@@ -224,6 +252,30 @@ def prune(namespace: str, predicate: Predicate) -> int:
         return ct.prune(namespace, predicate)
 
 
+def _tuple_of(flow: FlowEntry) -> tuple[Any, dict[str, Any]]:
+    """The entry's original tuple (and id, zone) as the kernel wants it to find the entry."""
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    icmp = flow.proto in _ICMP_PROTOS
+    orig = NFCTAttrTuple(
+        family=flow.family,
+        saddr=flow.src,
+        daddr=flow.dst,
+        proto=flow.proto,
+        sport=None if icmp else flow.sport,
+        dport=None if icmp else flow.dport,
+        icmp_id=flow.icmp_id if icmp else None,
+        icmp_type=flow.icmp_type if icmp else None,
+        icmp_code=flow.icmp_code if icmp else None,
+    )
+    extra: dict[str, Any] = {}
+    if flow.ct_id is not None:
+        extra["id"] = flow.ct_id
+    if flow.zone:
+        extra["zone"] = flow.zone
+    return orig, extra
+
+
 def as_evaluator_flow(entry: FlowEntry) -> Flow:
     """The entry's original tuple as the reference evaluator's new-flow question."""
     return Flow(
@@ -236,10 +288,11 @@ def as_evaluator_flow(entry: FlowEntry) -> Flow:
 
 
 def prune_flows(namespace: str, allowed: Callable[[Flow], bool]) -> int:
-    """Cut the flows of `namespace` that `allowed` (the evaluator) now denies.
+    """Cut the flows of `namespace` that `allowed` (the evaluator) now denies, and
+    revive the cut ones it allows again; returns how many were newly cut.
 
-    The reconciler's flow pruner. It runs only after a change, so the sockets
-    are opened per call: a cached one could outlive a namespace that `lab
-    down`/`lab up` replaced.
+    The reconciler's flow judge, run after every change. Sockets are opened per
+    call: a cached one could outlive a namespace that `lab down`/`lab up` replaced.
     """
-    return prune(namespace, lambda entry: allowed(as_evaluator_flow(entry)))
+    with Conntracker() as ct:
+        return ct.judge(namespace, lambda entry: allowed(as_evaluator_flow(entry)), REVOKED_CT_MARK)

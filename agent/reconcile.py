@@ -4,10 +4,11 @@ The reconciler remembers the program it last applied to each namespace and
 sends only the difference. When it does not know (start, restart, after an
 error, or when verification finds the kernel differs) it sends a full sync:
 one batch that deletes and recreates the table, which the kernel applies
-atomically, so there is never a moment without rules. After a change, existing
-conntrack entries whose flow the new model denies are deleted, so the change
-applies to established flows too; flows that stay allowed are left alone and
-lose no packet.
+atomically, so there is never a moment without rules. After a change, every
+tracked flow is judged against the new model: flows it denies are marked (the
+ruleset drops marked flows both ways), flows it allows again are unmarked, so a
+change applies to established flows too; flows that stay allowed are left
+alone and lose no packet.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .nft_backend import Backend, NftError
 log = logging.getLogger(__name__)
 
 # Given a namespace and a predicate over conntrack entries ("is this flow still
-# allowed?"), delete the entries the predicate rejects; returns how many.
+# allowed?"), cut the flows the predicate rejects; returns how many were cut.
 FlowPruner = Callable[[str, Callable[[Flow], bool]], int]
 
 

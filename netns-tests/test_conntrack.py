@@ -200,6 +200,7 @@ def test_missing_namespace_is_refused() -> None:
 
 def test_prune_flows_uses_the_evaluator_flow(lab: dict[str, str]) -> None:
     from nftsg.agent.conntrack import prune_flows
+    from nftsg.translators.compiler import REVOKED_CT_MARK
 
     in_ns(lab["a"], sys.executable, "-c", PING, B_IP)
     asked = []
@@ -210,5 +211,13 @@ def test_prune_flows_uses_the_evaluator_flow(lab: dict[str, str]) -> None:
 
     assert prune_flows(lab["r"], deny_icmp) == 1
     assert len(asked) == 1
+    # The denied flow is marked (the ruleset drops marked flows both ways), not
+    # deleted: its entry keeps the flow's direction, and a later allow revives it.
     with Conntracker() as ct:
-        assert ct.list_flows(lab["r"]) == []
+        (entry,) = ct.list_flows(lab["r"])
+    assert entry.proto == socket.IPPROTO_ICMP and entry.mark == REVOKED_CT_MARK
+    assert prune_flows(lab["r"], deny_icmp) == 0  # already cut: nothing to do
+    assert prune_flows(lab["r"], lambda flow: True) == 0  # revived, none cut
+    with Conntracker() as ct:
+        (entry,) = ct.list_flows(lab["r"])
+    assert entry.mark == 0

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nftsg.translators.compiler import compile_all, compile_vpc, split_parts
+from nftsg.translators.compiler import REVOKED_CT_MARK, compile_all, compile_vpc, split_parts
 from nftsg.translators.network import Network
 from nftsg.translators.nft import COMMENT_MAX_BYTES, Match, Program, SetRef, Span, Verdict
 from nftsg.translators.validate import load_network
@@ -83,7 +83,7 @@ def test_forward_chain_is_the_documented_dispatch(demo: tuple[Network, Program])
         "drop",
     )
     exprs = [r["expr"] for r in chain_rules(prog, "forward")]
-    assert len(exprs) == 7
+    assert len(exprs) == 8
     for fam, l3, n in (("ipv4", "ip", "v4"), ("ipv6", "ip6", "v6")):
         rule = exprs.pop(0)
         assert rule == [
@@ -102,6 +102,11 @@ def test_forward_chain_is_the_documented_dispatch(demo: tuple[Network, Program])
             },
             {"drop": None},
         ]
+    # Flows the agent marked as denied by the current model drop in both directions.
+    assert exprs.pop(0) == [
+        {"match": {"op": "==", "left": {"ct": {"key": "mark"}}, "right": REVOKED_CT_MARK}},
+        {"drop": None},
+    ]
     assert exprs[0] == [
         {
             "vmap": {
@@ -150,7 +155,7 @@ def test_dispatch_maps_and_port_sets(demo: tuple[Network, Program]) -> None:
     assert prog.set_by_name["port_addrs_v6"].elements.count((web1.ifname, Span(six, six))) == 1
     # No packet mark, no VPC-wide rule chain.
     assert not {"egress", "ingress"} & set(prog.chain_by_name)
-    assert "mark" not in dumps(prog)
+    assert '"meta": {"key": "mark"}' not in dumps(prog)
 
 
 def test_default_verdicts_basic_and_advanced() -> None:

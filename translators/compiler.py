@@ -421,6 +421,14 @@ class _Compiler:
         return Program("inet", self.table, tuple(sets), tuple(maps), tuple(chains))
 
 
+# The agent sets this conntrack mark on tracked flows that the current model
+# denies (and clears it when they are allowed again). Dropping marked flows in
+# both directions cuts a revoked flow at once, and, unlike deleting its entry,
+# keeps the flow's identity: a packet of the responder cannot start the flow
+# over in the other direction, and restoring the rule revives the flow.
+REVOKED_CT_MARK = 1
+
+
 def forward_chain() -> NftChain:
     """The base chain, in the order of dataplane.md; every rule there is static."""
     anti_spoof = [
@@ -442,6 +450,7 @@ def forward_chain() -> NftChain:
         "forward",
         (
             *anti_spoof,
+            NftRule((Match(Ct("mark"), REVOKED_CT_MARK), DROP), "flows the model now denies"),
             NftRule(
                 (
                     VerdictMap(

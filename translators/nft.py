@@ -75,7 +75,7 @@ class Payload:
 
 @dataclass(frozen=True, slots=True)
 class Ct:
-    key: str  # state
+    key: str  # state | mark
 
 
 @dataclass(frozen=True, slots=True)

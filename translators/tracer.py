@@ -101,6 +101,7 @@ class Packet:
     sport: int = 0
     dport: int = 0
     ct_state: CtState = "new"
+    ct_mark: int = 0  # the agent marks tracked flows the current model denies
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +129,7 @@ Interval: TypeAlias = tuple[Scalar, Scalar]
 Element: TypeAlias = tuple[Interval, ...]
 
 _INTERVAL_TYPES = frozenset({"ipv4_addr", "ipv6_addr", "inet_proto", "inet_service"})
-_KNOWN_TYPES = frozenset({*_INTERVAL_TYPES, "ifname", "ct_state", "nf_proto"})
+_KNOWN_TYPES = frozenset({*_INTERVAL_TYPES, "ifname", "ct_state", "nf_proto", "mark"})
 
 
 def _is_int(raw: object) -> bool:
@@ -154,6 +155,8 @@ def _scalar(typ: str, raw: object) -> Scalar:
             return raw  # type: ignore[return-value]
         if typ == "ct_state" and isinstance(raw, str) and raw in _CT_STATES:
             return raw
+        if typ == "mark" and _is_int(raw) and 0 <= raw <= 0xFFFFFFFF:  # type: ignore[operator]
+            return raw  # type: ignore[return-value]
         if typ == "nf_proto" and isinstance(raw, str | int) and raw in _NFPROTO:
             return _NFPROTO[raw]
     except ValueError:
@@ -355,6 +358,7 @@ _PAYLOAD = {
     ("th", "dport"): _Selector("th dport", "inet_service"),
 }
 _CT_STATE = _Selector("ct state", "ct_state")
+_CT_MARK = _Selector("ct mark", "mark")
 
 
 def _one_key(raw: object, what: str) -> tuple[str, Any]:
@@ -372,6 +376,8 @@ def _selector(raw: object) -> _Selector:
         sel = _PAYLOAD.get((body["protocol"], body["field"]))
     elif kind == "ct" and body == {"key": "state"}:
         sel = _CT_STATE
+    elif kind == "ct" and body == {"key": "mark"}:
+        sel = _CT_MARK
     else:
         sel = None
     if sel is None:
@@ -816,6 +822,7 @@ def _packet_values(packet: Packet) -> dict[str, Scalar]:
         "th sport": packet.sport,
         "th dport": packet.dport,
         "ct state": packet.ct_state,
+        "ct mark": packet.ct_mark,
     }
 
 
