@@ -14,7 +14,8 @@ $nftsg lab up "$topology"
 echo
 echo "==> a few flows, with the evaluator's reason"
 explain() {
-  $nftsg explain "$topology" "$@" | .venv/bin/python -c 'import json,sys; d=json.load(sys.stdin); print(f"  {d[\"verdict\"]:6}  {d[\"summary\"]}")'
+  $nftsg explain "$topology" "$@" \
+    | .venv/bin/python -c 'import json, sys; d = json.load(sys.stdin); print("  %-6s  %s" % (d["verdict"], d["summary"]))'
 }
 explain --from office --to i-bastion --protocol tcp --port 22
 explain --from internet --to i-bastion --protocol tcp --port 22
