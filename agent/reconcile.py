@@ -72,6 +72,8 @@ class Reconciler:
         self.prune_flows = prune_flows
         self.namespace_exists = namespace_exists
         self.applied: dict[str, Program] = {}
+        # What verify() expects of each namespace, for the program last applied there.
+        self._summaries: dict[str, tuple[Program, Summary]] = {}
 
     def forget(self, namespace: str | None = None) -> None:
         """Drop what we believe the kernel holds, so the next sync is a full one."""
@@ -97,7 +99,6 @@ class Reconciler:
             commands = diff_programs(old, program)
             report.full[namespace] = old is None
             report.commands[namespace] = len(commands)
-            report.digests[namespace] = program_digest(program)
             if commands:
                 try:
                     self.backend.apply(namespace, commands)
@@ -111,6 +112,9 @@ class Reconciler:
                 report.flows_cut[namespace] = self.prune_flows(
                     namespace, functools.partial(still_allowed, network, vpc_id)
                 )
+            # After the commit and the flow judging, not before: at 40k rules the
+            # digest (a full render) costs more than the change itself.
+            report.digests[namespace] = program_digest(program)
         return report
 
     def verify(self) -> list[str]:
@@ -119,7 +123,12 @@ class Reconciler:
         drifted = []
         for namespace, program in sorted(self.applied.items()):
             listing = self.backend.list_table(namespace, "inet", self.table)
-            if listing is None or kernel_summary(listing) != program_summary(program):
+            cached = self._summaries.get(namespace)
+            if cached is None or cached[0] is not program:
+                cached = (program, program_summary(program))
+                self._summaries[namespace] = cached
+            expected = cached[1]
+            if listing is None or kernel_summary(listing) != expected:
                 drifted.append(namespace)
         for namespace in drifted:
             log.warning("kernel table in %s differs from the applied program", namespace)
