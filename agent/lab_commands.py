@@ -80,6 +80,24 @@ def stored_network(store: Store) -> tuple[int, Network] | None:
     return state.revision, build_network(topology_from_data(state.topology))
 
 
+def running_lab(settings: Settings) -> tuple[Lab, Network]:
+    """The lab that `lab up` left, with its stored model (names resolve against it)."""
+    loaded = None
+    prefix = settings.prefix
+    if settings.db_path.exists():
+        store = Store(settings.db_path)
+        try:
+            prefix = store.get_setting("prefix") or settings.prefix
+            loaded = stored_network(store)
+        finally:
+            store.close()
+    if loaded is None:
+        raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
+    lab = Lab(prefix)
+    lab.set_model(loaded[1])
+    return lab, loaded[1]
+
+
 # -- the background agent --------------------------------------------------
 def _pid_alive(pid: int) -> bool:
     try:
@@ -262,19 +280,7 @@ def lab_exec(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         raise LabCommandError("usage: nftsg lab exec NAME -- CMD [ARGS...]")
-    if not settings.db_path.exists():
-        raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
-    store = Store(settings.db_path)
-    try:
-        prefix = store.get_setting("prefix") or settings.prefix
-        loaded = stored_network(store)
-    finally:
-        store.close()
-    if loaded is None:
-        raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
-    _, network = loaded
-    lab = Lab(prefix)
-    lab.set_model(network)
+    lab, _ = running_lab(settings)
     namespace = lab.host_ns(args.name)
     netns.enter_for_exec(namespace)  # this process only; it is replaced by CMD next
     try:
@@ -289,19 +295,7 @@ def lab_check(args: argparse.Namespace) -> int:
 
     settings = settings_from_env(args.state_dir, args.prefix)
     require_root()
-    if not settings.db_path.exists():
-        raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
-    store = Store(settings.db_path)
-    try:
-        prefix = store.get_setting("prefix") or settings.prefix
-        loaded = stored_network(store)
-    finally:
-        store.close()
-    if loaded is None:
-        raise LabCommandError("no lab is up (run `nftsg lab up FILE` first)")
-    _, network = loaded
-    lab = Lab(prefix)
-    lab.set_model(network)
+    lab, network = running_lab(settings)
     hosts = matrix.lab_hosts(network, lab.host_ns)
     probes = matrix.plan(network, hosts, args.tcp, args.udp)
     outcomes = matrix.run(network, probes, timeout=args.timeout)
