@@ -313,6 +313,12 @@ def agent_command(args: argparse.Namespace) -> int:
     require_kernel_features()
     settings = settings_from_env(args.state_dir, args.prefix, args.table)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    other = agent_pid(settings)
+    if other is not None and other != os.getpid():
+        # Two agents would fight over the same tables.
+        raise LabCommandError(
+            f"an agent (pid {other}) already serves {settings.state_dir}; stop it first"
+        )
     settings.pid_path.write_text(f"{os.getpid()}\n")
     return run_forever(settings)
 
