@@ -172,10 +172,27 @@ def stop_agent(settings: Settings, timeout: float = 5.0) -> bool:
     return True
 
 
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (no look at its command line: right after
+    fork, before exec, a new agent still shows the command line of `lab up`)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def wait_in_force(
-    settings: Settings, store: Store, lab: Lab, network: Network, revision: int, timeout: float
+    settings: Settings,
+    store: Store,
+    lab: Lab,
+    network: Network,
+    revision: int,
+    timeout: float,
+    agent: int,
 ) -> None:
-    """Until every VPC router reports `revision` applied, or the agent dies, or time runs out."""
+    """Until every VPC router reports `revision` applied, or the agent (pid `agent`)
+    dies, or time runs out."""
     namespaces = [lab.router_ns(vpc_id) for vpc_id in network.vpcs]
     deadline = time.monotonic() + timeout
     while True:
@@ -184,7 +201,7 @@ def wait_in_force(
         ]
         if not pending:
             return
-        if agent_pid(settings) is None:
+        if not _running(agent):
             raise LabCommandError(
                 f"the agent exited before enforcing; see {settings.log_path}:\n"
                 + _tail(settings.log_path)
@@ -225,8 +242,8 @@ def lab_up(args: argparse.Namespace) -> int:
         revision = store.save_topology(topology.model_dump(mode="json"))
         store.set_setting("prefix", settings.prefix)
         store.set_setting("table", settings.table)
-        start_agent(settings)
-        wait_in_force(settings, store, lab, network, revision, args.timeout)
+        agent = start_agent(settings)
+        wait_in_force(settings, store, lab, network, revision, args.timeout, agent)
         lab.apply(network)
         elapsed = time.monotonic() - started
     finally:
