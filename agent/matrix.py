@@ -7,11 +7,12 @@ did. Agreement must be total.
 
 from __future__ import annotations
 
+import errno
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nftsg.translators.evaluator import Flow, evaluate
 from nftsg.translators.network import IPAddress, Network
@@ -151,32 +152,43 @@ def run(
 ) -> list[Outcome]:
     """Run the probes concurrently; probes that would listen on the same address and port
     run one after another in the same worker."""
-    lanes: dict[tuple[str, str, int], list[Probe]] = defaultdict(list)
-    for probe in probes:
+    lanes: dict[tuple[str, str, int], list[tuple[int, Probe]]] = defaultdict(list)
+    for index, probe in enumerate(probes):
         key = (
             (probe.kind, str(probe.dst_ip), probe.port)
             if probe.kind != "ping"
             else ("ping", f"{probe.src.name}>{probe.dst_ip}", 0)
         )
-        lanes[key].append(probe)
+        lanes[key].append((index, probe))
 
-    def run_lane(lane: list[Probe]) -> list[Outcome]:
+    def run_lane(lane: list[tuple[int, Probe]]) -> list[tuple[int, Outcome]]:
         out = []
-        for probe in lane:
+        rng = random.Random(lane[0][0])
+        for index, probe in lane:
+            for _ in range(5):
+                try:
+                    observed, detail = run_probe(probe, timeout)
+                    break
+                except OSError as exc:
+                    # The planned source port is held by some other socket of the
+                    # host (not ours to close): plan the flow from another one.
+                    if exc.errno != errno.EADDRINUSE or probe.kind == "ping":
+                        raise
+                    probe = replace(probe, sport=rng.randint(20000, 60000))
+            else:
+                raise OSError(errno.EADDRINUSE, f"no free source port for {probe.label()}")
             expected = evaluate(network, probe.flow()).verdict == "accept"
-            observed, detail = run_probe(probe, timeout)
             if observed != expected:
                 # Confirm before reporting: on two busy cores a probe can lose the CPU
                 # for longer than its timeout. A real disagreement persists.
                 observed, detail = run_probe(probe, timeout * 4)
                 detail += " (confirmed)"
-            out.append(Outcome(probe, expected, observed, detail))
+            out.append((index, Outcome(probe, expected, observed, detail)))
         return out
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = [o for lane in pool.map(run_lane, lanes.values()) for o in lane]
-    order = {id(p): i for i, p in enumerate(probes)}
-    return sorted(results, key=lambda o: order[id(o.probe)])
+    return [outcome for _, outcome in sorted(results, key=lambda pair: pair[0])]
 
 
 def render(outcomes: list[Outcome]) -> str:
