@@ -234,24 +234,6 @@ class Conntracker:
         self.close()
 
 
-# Module-level conveniences for one-off use (each opens and closes sockets).
-
-
-def list_flows(namespace: str) -> list[FlowEntry]:
-    with Conntracker() as ct:
-        return ct.list_flows(namespace)
-
-
-def delete_flows(namespace: str, entries: Iterable[FlowEntry]) -> int:
-    with Conntracker() as ct:
-        return ct.delete_flows(namespace, entries)
-
-
-def prune(namespace: str, predicate: Predicate) -> int:
-    with Conntracker() as ct:
-        return ct.prune(namespace, predicate)
-
-
 def _tuple_of(flow: FlowEntry) -> tuple[Any, dict[str, Any]]:
     """The entry's original tuple (and id, zone) as the kernel wants it to find the entry."""
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple

@@ -108,13 +108,12 @@ def _pid_alive(pid: int) -> bool:
         return True
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
     if not cmdline:
         # Empty for a zombie, but also for a moment right after Popen() returns,
         # while the new agent is still being exec'd.
-        return "\nState:\tZ" not in status
+        return _running(pid)
     return b"nftsg" in cmdline and b"agent" in cmdline
 
 

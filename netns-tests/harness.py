@@ -41,7 +41,7 @@ from nftsg.agent import netns
 from nftsg.agent.conntrack import prune_flows
 from nftsg.agent.lab import Lab
 from nftsg.agent.nft_backend import NftBackend
-from nftsg.agent.probe import ProbeResult, ping_probe, tcp_probe, udp_probe
+from nftsg.agent.probe import ProbeResult, icmp_checksum, ping_probe, tcp_probe, udp_probe
 from nftsg.agent.reconcile import Reconciler, SyncReport
 from nftsg.translators.evaluator import Decision, Flow, SideDecision, evaluate
 from nftsg.translators.model import topology_from_data
@@ -113,7 +113,9 @@ def instance(
 ) -> dict[str, Any]:
     """One instance of the file format (groups None: the VPC default group)."""
     out: dict[str, Any] = {
-        "instance_id": instance_id, "vswitch_id": vswitch, "private_ip_address": ip,
+        "instance_id": instance_id,
+        "vswitch_id": vswitch,
+        "private_ip_address": ip,
     }
     if groups is not None:
         out["security_group_ids"] = groups
@@ -157,15 +159,6 @@ def _raw_socket(namespace: str, version: int, proto: int) -> socket.socket:
     return netns.run_in(namespace, lambda: socket.socket(fam, socket.SOCK_RAW, proto))
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def _raw_payload(proto: int, nonce: bytes) -> bytes:
     if proto == PROTO_GRE:
         # GRE version 0, no options, a protocol type from the local experimental range.
@@ -173,7 +166,9 @@ def _raw_payload(proto: int, nonce: bytes) -> bytes:
     if proto == PROTO_ICMP:
         # ICMP timestamp request (type 13): not an echo, to show rules cover every type.
         body = struct.pack("!HH", int.from_bytes(nonce[:2], "big"), 1) + nonce
-        return struct.pack("!BBH", 13, 0, _checksum(struct.pack("!BBH", 13, 0, 0) + body)) + body
+        return (
+            struct.pack("!BBH", 13, 0, icmp_checksum(struct.pack("!BBH", 13, 0, 0) + body)) + body
+        )
     raise ValueError(f"no raw payload for protocol {proto}")
 
 
@@ -319,9 +314,21 @@ class EnforcedLab:
         """
         for vpc_id in self._net().vpcs:
             done = subprocess.run(
-                ["ip", "netns", "exec", self.router(vpc_id),
-                 "nft", "list", "table", "inet", self.table],
-                capture_output=True, text=True, timeout=30, check=False,
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.router(vpc_id),
+                    "nft",
+                    "list",
+                    "table",
+                    "inet",
+                    self.table,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
             )
             assert done.returncode == 0, (
                 f"`nft list table inet {self.table}` fails in the router of {vpc_id} "
@@ -416,8 +423,14 @@ class EnforcedLab:
     ) -> Observation:
         """Assert that the evaluator predicts `allowed` and that the kernel does it."""
         obs = self.observe(
-            src, dst, kind, port, sport, family,
-            src_ip=src_ip, dst_ip=dst_ip,
+            src,
+            dst,
+            kind,
+            port,
+            sport,
+            family,
+            src_ip=src_ip,
+            dst_ip=dst_ip,
             timeout=PASS_TIMEOUT if allowed else DROP_TIMEOUT,
         )
         want = "allowed" if allowed else "dropped"
@@ -613,7 +626,12 @@ class TcpStream(_Stream):
     """One established TCP connection carrying a steady stream of records."""
 
     def __init__(
-        self, src_ns: str, dst_ns: str, src: IPAddress, dst: IPAddress, port: int,
+        self,
+        src_ns: str,
+        dst_ns: str,
+        src: IPAddress,
+        dst: IPAddress,
+        port: int,
         interval: float = 0.002,
     ) -> None:
         super().__init__(interval)
@@ -685,7 +703,12 @@ class UdpStream(_Stream):
     arrival of the echo at the client is what is recorded (request and reply both pass)."""
 
     def __init__(
-        self, src_ns: str, dst_ns: str, src: IPAddress, dst: IPAddress, port: int,
+        self,
+        src_ns: str,
+        dst_ns: str,
+        src: IPAddress,
+        dst: IPAddress,
+        port: int,
         interval: float = 0.002,
     ) -> None:
         super().__init__(interval)
@@ -755,8 +778,14 @@ class UdpStream(_Stream):
 # words of the model.
 
 _RULE_SET = re.compile(r"^g_(.+)_(in|out)_p(\d+)_([ad])_(v4|v6)_(\d+)$")
-_PROTO_NAMES = {"ipv6-icmp": "icmpv6", "58": "icmpv6", "6": "tcp", "17": "udp", "1": "icmp",
-                "47": "gre"}
+_PROTO_NAMES = {
+    "ipv6-icmp": "icmpv6",
+    "58": "icmpv6",
+    "6": "tcp",
+    "17": "udp",
+    "1": "icmp",
+    "47": "gre",
+}
 
 
 def rule_chain(eni_id: str, direction: str) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 
-from nftsg.agent.probe import Address, ping_probe
+from nftsg.agent.probe import Address, ProbeResult, ping_probe
 from nftsg.agent.probe import tcp_probe as _tcp
 from nftsg.agent.probe import udp_probe as _udp
 
@@ -48,6 +48,10 @@ class Probe:
         return self.ok
 
 
+def _as_probe(result: ProbeResult) -> Probe:
+    return Probe(result.ok, result.seen_from, "" if result.ok else result.detail)
+
+
 def tcp_probe(
     src_ns: str,
     dst_ns: str,
@@ -58,8 +62,7 @@ def tcp_probe(
     src: Address | None = None,
 ) -> Probe:
     """Connect from src_ns to addr:port served by a fresh listener in dst_ns; echo one message."""
-    r = _tcp(src_ns, dst_ns, addr, port, src=src, sport=sport, timeout=timeout)
-    return Probe(r.ok, r.seen_from, "" if r.ok else r.detail)
+    return _as_probe(_tcp(src_ns, dst_ns, addr, port, src=src, sport=sport, timeout=timeout))
 
 
 def tcp_connect(
@@ -84,8 +87,7 @@ def udp_probe(
     src: Address | None = None,
 ) -> Probe:
     """Send one datagram from src_ns to addr:port; a listener in dst_ns answers it."""
-    r = _udp(src_ns, dst_ns, addr, port, src=src, sport=sport, timeout=timeout)
-    return Probe(r.ok, r.seen_from, "" if r.ok else r.detail)
+    return _as_probe(_udp(src_ns, dst_ns, addr, port, src=src, sport=sport, timeout=timeout))
 
 
 def udp_request(

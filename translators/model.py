@@ -101,9 +101,8 @@ def _spelling_table(cls: type[BaseModel]) -> dict[str, str]:
     return table
 
 
-def _f(default: Any = None, name: str = "") -> Any:
-    # `name` documents the field's API spelling family; renaming happens in
-    # `_Strict._canonical_names`, so no per-field alias matching is needed.
+def _f(default: Any = None) -> Any:
+    # Spellings are renamed in `_Strict._canonical_names`: no per-field aliases.
     return Field(default=default)
 
 
@@ -130,50 +129,50 @@ def _group_ids_from_one_string(value: Any) -> Any:
 
 
 class VSwitch(_Strict):
-    vswitch_id: str = _f(..., "vswitch_id")
-    cidr_block: str = _f(..., "cidr_block")
-    ipv6_cidr_block: str | None = _f(None, "ipv6_cidr_block")
-    zone_id: str | None = _f(None, "zone_id")
+    vswitch_id: str = _f(...)
+    cidr_block: str = _f(...)
+    ipv6_cidr_block: str | None = _f(None)
+    zone_id: str | None = _f(None)
 
 
 class Vpc(_Strict):
-    vpc_id: str = _f(..., "vpc_id")
-    cidr_block: str = _f(..., "cidr_block")
-    ipv6_cidr_block: str | None = _f(None, "ipv6_cidr_block")
-    vpc_name: str | None = _f(None, "vpc_name")
-    vswitches: tuple[VSwitch, ...] = _f((), "vswitches")
+    vpc_id: str = _f(...)
+    cidr_block: str = _f(...)
+    ipv6_cidr_block: str | None = _f(None)
+    vpc_name: str | None = _f(None)
+    vswitches: tuple[VSwitch, ...] = _f(())
 
 
 class PrefixList(_Strict):
-    prefix_list_id: str = _f(..., "prefix_list_id")
-    address_family: str = _f("IPv4", "address_family")
-    max_entries: int = _f(..., "max_entries")
-    entries: tuple[str, ...] = _f((), "entries")
-    prefix_list_name: str | None = _f(None, "prefix_list_name")
-    description: str | None = _f(None, "description")
+    prefix_list_id: str = _f(...)
+    address_family: str = _f("IPv4")
+    max_entries: int = _f(...)
+    entries: tuple[str, ...] = _f(())
+    prefix_list_name: str | None = _f(None)
+    description: str | None = _f(None)
 
 
 class Permission(_Strict):
     """One rule. `priority` and ports accept numbers or strings, as the API does."""
 
-    direction: str = _f(..., "direction")
-    ip_protocol: str = _f(..., "ip_protocol")
-    port_range: str | None = _f(None, "port_range")
-    source_port_range: str | None = _f(None, "source_port_range")
-    source_cidr_ip: str | None = _f(None, "source_cidr_ip")
-    ipv6_source_cidr_ip: str | None = _f(None, "ipv6_source_cidr_ip")
-    dest_cidr_ip: str | None = _f(None, "dest_cidr_ip")
-    ipv6_dest_cidr_ip: str | None = _f(None, "ipv6_dest_cidr_ip")
-    source_group_id: str | None = _f(None, "source_group_id")
-    dest_group_id: str | None = _f(None, "dest_group_id")
-    source_prefix_list_id: str | None = _f(None, "source_prefix_list_id")
-    dest_prefix_list_id: str | None = _f(None, "dest_prefix_list_id")
+    direction: str = _f(...)
+    ip_protocol: str = _f(...)
+    port_range: str | None = _f(None)
+    source_port_range: str | None = _f(None)
+    source_cidr_ip: str | None = _f(None)
+    ipv6_source_cidr_ip: str | None = _f(None)
+    dest_cidr_ip: str | None = _f(None)
+    ipv6_dest_cidr_ip: str | None = _f(None)
+    source_group_id: str | None = _f(None)
+    dest_group_id: str | None = _f(None)
+    source_prefix_list_id: str | None = _f(None)
+    dest_prefix_list_id: str | None = _f(None)
     # None (an empty API parameter) means the default, as in ECS.
-    policy: str | None = _f("accept", "policy")
-    priority: int | str | None = _f(1, "priority")
-    description: str | None = _f(None, "description")
-    security_group_rule_id: str | None = _f(None, "security_group_rule_id")
-    nic_type: str | None = _f(None, "nic_type")
+    policy: str | None = _f("accept")
+    priority: int | str | None = _f(1)
+    description: str | None = _f(None)
+    security_group_rule_id: str | None = _f(None)
+    nic_type: str | None = _f(None)
 
     @field_validator("priority", mode="before")
     @classmethod
@@ -183,15 +182,15 @@ class Permission(_Strict):
 
 
 class SecurityGroup(_Strict):
-    security_group_id: str = _f(..., "security_group_id")
-    vpc_id: str = _f(..., "vpc_id")
-    security_group_type: str = _f("normal", "security_group_type")
-    inner_access_policy: str | None = _f(None, "inner_access_policy")
-    security_group_name: str | None = _f(None, "security_group_name")
-    description: str | None = _f(None, "description")
-    service_managed: bool = _f(False, "service_managed")
-    tags: dict[str, str] = _f({}, "tags")
-    permissions: tuple[Permission, ...] = _f((), "permissions")
+    security_group_id: str = _f(...)
+    vpc_id: str = _f(...)
+    security_group_type: str = _f("normal")
+    inner_access_policy: str | None = _f(None)
+    security_group_name: str | None = _f(None)
+    description: str | None = _f(None)
+    service_managed: bool = _f(False)
+    tags: dict[str, str] = _f({})
+    permissions: tuple[Permission, ...] = _f(())
 
     _tags = field_validator("tags", mode="before")(_tags_from_ecs_list)
 
@@ -199,53 +198,53 @@ class SecurityGroup(_Strict):
 class NetworkInterface(_Strict):
     """A secondary ENI of an instance."""
 
-    network_interface_id: str = _f(..., "network_interface_id")
-    vswitch_id: str | None = _f(None, "vswitch_id")
-    primary_ip_address: str = _f(..., "primary_ip_address")
-    secondary_private_ip_addresses: tuple[str, ...] = _f((), "secondary_private_ip_addresses")
-    ipv6_address: str | None = _f(None, "ipv6_address")
-    ipv6_addresses: tuple[str, ...] = _f((), "ipv6_addresses")
-    mac_address: str | None = _f(None, "mac_address")
-    security_group_ids: tuple[str, ...] | None = _f(None, "security_group_ids")
-    description: str | None = _f(None, "description")
+    network_interface_id: str = _f(...)
+    vswitch_id: str | None = _f(None)
+    primary_ip_address: str = _f(...)
+    secondary_private_ip_addresses: tuple[str, ...] = _f(())
+    ipv6_address: str | None = _f(None)
+    ipv6_addresses: tuple[str, ...] = _f(())
+    mac_address: str | None = _f(None)
+    security_group_ids: tuple[str, ...] | None = _f(None)
+    description: str | None = _f(None)
 
     _one_group = field_validator("security_group_ids", mode="before")(_group_ids_from_one_string)
 
 
 class Instance(_Strict):
-    instance_id: str = _f(..., "instance_id")
-    vswitch_id: str = _f(..., "vswitch_id")
-    private_ip_address: str = _f(..., "private_ip_address")
-    secondary_private_ip_addresses: tuple[str, ...] = _f((), "secondary_private_ip_addresses")
-    ipv6_address: str | None = _f(None, "ipv6_address")
-    ipv6_addresses: tuple[str, ...] = _f((), "ipv6_addresses")
+    instance_id: str = _f(...)
+    vswitch_id: str = _f(...)
+    private_ip_address: str = _f(...)
+    secondary_private_ip_addresses: tuple[str, ...] = _f(())
+    ipv6_address: str | None = _f(None)
+    ipv6_addresses: tuple[str, ...] = _f(())
     # The primary ENI; its id defaults to "eni-" + the instance id without "i-".
-    network_interface_id: str | None = _f(None, "network_interface_id")
-    mac_address: str | None = _f(None, "mac_address")
-    security_group_ids: tuple[str, ...] | None = _f(None, "security_group_ids")
-    instance_name: str | None = _f(None, "instance_name")
-    network_interfaces: tuple[NetworkInterface, ...] = _f((), "network_interfaces")
-    tags: dict[str, str] = _f({}, "tags")
+    network_interface_id: str | None = _f(None)
+    mac_address: str | None = _f(None)
+    security_group_ids: tuple[str, ...] | None = _f(None)
+    instance_name: str | None = _f(None)
+    network_interfaces: tuple[NetworkInterface, ...] = _f(())
+    tags: dict[str, str] = _f({})
 
     _one_group = field_validator("security_group_ids", mode="before")(_group_ids_from_one_string)
     _tags = field_validator("tags", mode="before")(_tags_from_ecs_list)
 
 
 class ExternalHost(_Strict):
-    name: str = _f(..., "name")
-    vpc_id: str = _f(..., "vpc_id")
-    ip_address: str | None = _f(None, "ip_address")
-    ipv6_address: str | None = _f(None, "ipv6_address")
-    mac_address: str | None = _f(None, "mac_address")
+    name: str = _f(...)
+    vpc_id: str = _f(...)
+    ip_address: str | None = _f(None)
+    ipv6_address: str | None = _f(None)
+    mac_address: str | None = _f(None)
 
 
 class Topology(_Strict):
-    region_id: str | None = _f(None, "region_id")
-    vpcs: tuple[Vpc, ...] = _f((), "vpcs")
-    prefix_lists: tuple[PrefixList, ...] = _f((), "prefix_lists")
-    security_groups: tuple[SecurityGroup, ...] = _f((), "security_groups")
-    instances: tuple[Instance, ...] = _f((), "instances")
-    external_hosts: tuple[ExternalHost, ...] = _f((), "external_hosts")
+    region_id: str | None = _f(None)
+    vpcs: tuple[Vpc, ...] = _f(())
+    prefix_lists: tuple[PrefixList, ...] = _f(())
+    security_groups: tuple[SecurityGroup, ...] = _f(())
+    instances: tuple[Instance, ...] = _f(())
+    external_hosts: tuple[ExternalHost, ...] = _f(())
 
 
 def _loc_to_path(loc: tuple[int | str, ...]) -> str:
