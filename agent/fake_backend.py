@@ -540,6 +540,7 @@ class FakeBackend:
     def __init__(self, namespaces: list[str] | None = None) -> None:
         self._states: dict[str, _State] = {}
         self.transactions: list[Transaction] = []
+        self._generations: dict[str, int] = {}
         for ns in namespaces or []:
             self.add_namespace(ns)
 
@@ -591,7 +592,13 @@ class FakeBackend:
             self.transactions.append(Transaction(namespace, batch, ok=False))
             raise
         self._states[namespace] = work
+        self._generations[namespace] = self._generations.get(namespace, 0) + 1
         self.transactions.append(Transaction(namespace, batch, ok=True))
+
+    def generation(self, namespace: str) -> int:
+        """Like nftables' generation id: moves with every successful batch."""
+        self._state(namespace, [])
+        return self._generations.get(namespace, 0)
 
     def check(self, namespace: str, commands: list[dict[str, Any]]) -> None:
         self._run(namespace, copy.deepcopy(commands), "check")

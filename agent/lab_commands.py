@@ -240,7 +240,6 @@ def lab_up(args: argparse.Namespace) -> int:
         lab.ensure_routers(network)
         revision = store.save_topology(topology.model_dump(mode="json"))
         store.set_setting("prefix", settings.prefix)
-        store.set_setting("table", settings.table)
         agent = start_agent(settings)
         wait_in_force(settings, store, lab, network, revision, args.timeout, agent)
         lab.apply(network)

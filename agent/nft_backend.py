@@ -35,6 +35,8 @@ NETNS_DIR = "/run/netns"
 _TRIM_AFTER_COMMANDS = 1000
 
 _T = TypeVar("_T")
+# One NFT_MSG_GETGEN socket per namespace worker thread.
+_GEN_SOCKETS = threading.local()
 
 
 def _brief(text: str, limit: int = 600) -> str:
@@ -88,6 +90,9 @@ class Backend(Protocol):
 
     def check(self, namespace: str, commands: list[dict[str, Any]]) -> None:
         """Dry-run `commands`; raises NftError where apply would."""
+
+    def generation(self, namespace: str) -> int:
+        """A number that moves with every commit in the namespace (nftables' generation)."""
 
     def list_table(self, namespace: str, family: str, table: str) -> dict[str, Any] | None:
         """The table's JSON listing (``{"nftables": [...]}``), None if absent."""
@@ -344,6 +349,27 @@ class NftBackend:
                 return None
             raise
         return output if isinstance(output, dict) else None
+
+    def generation(self, namespace: str) -> int:
+        """The namespace's nftables ruleset generation: every commit (ours or anyone's)
+        moves it, so an unchanged generation means an unchanged table. One netlink
+        request (NFT_MSG_GETGEN) from the namespace's worker thread."""
+
+        def job(_ctx: Any) -> int:
+            from pyroute2.netlink.nfnetlink.nftsocket import (
+                NFT_MSG_GETGEN,
+                NFTSocket,
+                nft_gen_msg,
+            )
+
+            sock = _GEN_SOCKETS.__dict__.get("sock")
+            if sock is None:
+                # Created in the worker thread, so it is bound to its namespace.
+                sock = _GEN_SOCKETS.sock = NFTSocket()
+            reply = sock.request_get(nft_gen_msg(), NFT_MSG_GETGEN)
+            return int(reply[0].get_attr("NFTA_GEN_ID"))
+
+        return self._worker(namespace).call(job)
 
     def delete_table(self, namespace: str, family: str, table: str) -> None:
         self._run(namespace, delete_table_commands(family, table), dry_run=False, what="delete")

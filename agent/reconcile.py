@@ -1,59 +1,97 @@
-"""Store -> kernel: compile the model, apply one transaction per VPC router, cut flows.
+"""Store -> kernel: compile the model, apply one transaction per VPC router, judge flows.
 
-The reconciler remembers the program it last applied to each namespace and
-sends only the difference. When it does not know (start, restart, after an
-error, or when verification finds the kernel differs) it sends a full sync:
-one batch that deletes and recreates the table, which the kernel applies
-atomically, so there is never a moment without rules. After a change, every
-tracked flow is judged against the new model: flows it denies are marked (the
-ruleset drops marked flows both ways), flows it allows again are unmarked, so a
-change applies to established flows too; flows that stay allowed are left
-alone and lose no packet.
+The reconciler remembers the program it last applied to each router namespace
+and sends only the difference. When it does not know (start, restart, after an
+error, or when verification finds the kernel differs) it either adopts what the
+kernel holds, if that is the program by content, or sends a full sync: one
+batch that deletes and recreates the table, which the kernel applies
+atomically, so there is never a moment without rules.
+
+Every namespace is its own unit of failure: `sync_namespace` raises
+`SyncFailed` naming the namespace and the step (compile, apply), and that
+namespace alone is forgotten (its next sync is a full one); the kernel keeps
+its last good rules because nft transactions are atomic. Judging the
+established flows after a commit can fail too (conntrack); that never undoes
+or blocks the commit: the namespace is reported as having flows to judge, and
+the caller retries.
+
+After a change every tracked flow is judged against the new model: flows it
+denies are marked (the ruleset drops marked flows both ways), flows it allows
+again are unmarked, so a change applies to established flows too; flows that
+stay allowed are left alone and lose no packet (docs/semantics.md, "State").
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from nftsg.translators.compiler import compile_all
+from nftsg.translators.canonical import (
+    Canonical,
+    canonical_listing,
+    canonical_program,
+    describe_differences,
+)
+from nftsg.translators.compiler import compile_vpc
 from nftsg.translators.diff import diff_programs
 from nftsg.translators.errors import EcsError
 from nftsg.translators.evaluator import Flow, evaluate
 from nftsg.translators.network import Network
 from nftsg.translators.nft import Program
 
-from .nft_backend import Backend, NftError
+from .nft_backend import Backend
 
 log = logging.getLogger(__name__)
 
 # Given a namespace and a predicate over conntrack entries ("is this flow still
-# allowed?"), cut the flows the predicate rejects; returns how many were cut.
-FlowPruner = Callable[[str, Callable[[Flow], bool]], int]
+# allowed?"), mark the flows the predicate rejects (and unmark those it accepts
+# again); returns how many were newly cut.
+FlowJudge = Callable[[str, Callable[[Flow], bool]], int]
+# (model, vpc id, table name) -> the program of that VPC router.
+Compile = Callable[[Network, str, str], Program]
+
+# How many differences a drift log line names (the rest are counted).
+_DIFFERENCES_LOGGED = 12
 
 
-def program_digest(program: Program) -> str:
-    return hashlib.sha256(
-        json.dumps(program.to_json(), sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
+class SyncFailed(Exception):
+    """One namespace could not be brought to the model; its last good rules stay."""
+
+    def __init__(self, namespace: str, step: str, cause: BaseException) -> None:
+        super().__init__(f"{step} failed for {namespace}: {type(cause).__name__}: {cause}")
+        self.namespace = namespace
+        self.step = step
+        self.cause = cause
+        # From `Reconciler.sync`: what it did for the other namespaces.
+        self.report: SyncReport | None = None
 
 
 @dataclass
 class SyncReport:
-    """What one sync did, per namespace: commands sent, full or incremental, flows cut."""
+    """What one sync did, per namespace: commands sent, full or incremental, flows cut.
+
+    `adopted`: after a restart the kernel already held the program (checked by
+    content), so nothing was sent. `unjudged`: the commit is in force but the
+    tracked flows could not be judged (the error text); the caller retries.
+    """
 
     commands: dict[str, int] = field(default_factory=dict)
     full: dict[str, bool] = field(default_factory=dict)
+    adopted: dict[str, bool] = field(default_factory=dict)
     flows_cut: dict[str, int] = field(default_factory=dict)
-    digests: dict[str, str] = field(default_factory=dict)
+    unjudged: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, SyncFailed] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
         return any(self.commands.values())
+
+    def merge(self, other: SyncReport) -> None:
+        for name in ("commands", "full", "adopted", "flows_cut", "unjudged", "failed"):
+            getattr(self, name).update(getattr(other, name))
 
 
 class Reconciler:
@@ -63,17 +101,22 @@ class Reconciler:
         namespace_of: Callable[[str], str],
         *,
         table: str = "nftsg",
-        prune_flows: FlowPruner | None = None,
+        prune_flows: FlowJudge | None = None,
         namespace_exists: Callable[[str], bool] = lambda _ns: True,
+        compile_program: Compile = compile_vpc,
     ) -> None:
         self.backend = backend
         self.namespace_of = namespace_of
         self.table = table
         self.prune_flows = prune_flows
         self.namespace_exists = namespace_exists
+        self.compile_program = compile_program
         self.applied: dict[str, Program] = {}
-        # What verify() expects of each namespace, for the program last applied there.
-        self._summaries: dict[str, tuple[Program, Summary]] = {}
+        # The canonical form of the program last applied to each namespace,
+        # computed once per program (verify runs every few seconds).
+        self._canonical: dict[str, tuple[Program, Canonical]] = {}
+        # What the last verify found different, per drifted namespace (for logs and tests).
+        self.last_differences: dict[str, list[str]] = {}
 
     def forget(self, namespace: str | None = None) -> None:
         """Drop what we believe the kernel holds, so the next sync is a full one."""
@@ -82,56 +125,132 @@ class Reconciler:
         else:
             self.applied.pop(namespace, None)
 
+    # -- kernel -> model -------------------------------------------------------
+
     def sync(self, network: Network) -> SyncReport:
-        """Bring every VPC router namespace to `network`. Raises NftError on the first failure
-        (that namespace keeps its last good rules and will get a full sync next time)."""
+        """Bring every VPC router namespace to `network`, each on its own.
+
+        A namespace that fails keeps its last good rules and is forgotten; the
+        others are still synced. Raises the first `SyncFailed` after trying
+        them all (the report of the rest is on the exception's `report`).
+        """
         report = SyncReport()
-        programs = compile_all(network, self.table)
-        for vpc_id, program in sorted(programs.items()):
-            namespace = self.namespace_of(vpc_id)
-            if not self.namespace_exists(namespace):
-                log.warning(
-                    "router namespace %s of %s is missing; not enforcing", namespace, vpc_id
-                )
-                self.applied.pop(namespace, None)
-                continue
-            old = self.applied.get(namespace)
-            commands = diff_programs(old, program)
-            report.full[namespace] = old is None
-            report.commands[namespace] = len(commands)
-            if commands:
-                try:
-                    self.backend.apply(namespace, commands)
-                except NftError:
-                    self.applied.pop(namespace, None)
-                    raise
-            self.applied[namespace] = program
-            # A full sync prunes too: after a restart the kernel may still track
-            # flows that an older model allowed and the current one denies.
-            if commands and self.prune_flows is not None:
-                report.flows_cut[namespace] = self.prune_flows(
-                    namespace, functools.partial(still_allowed, network, vpc_id)
-                )
-            # After the commit and the flow judging, not before: at 40k rules the
-            # digest (a full render) costs more than the change itself.
-            report.digests[namespace] = program_digest(program)
+        for vpc_id in sorted(network.vpcs):
+            try:
+                report.merge(self.sync_namespace(network, vpc_id))
+            except SyncFailed as exc:
+                report.failed[exc.namespace] = exc
+        if report.failed:
+            first = next(iter(sorted(report.failed.items())))[1]
+            first.report = report
+            raise first
         return report
 
-    def verify(self) -> list[str]:
-        """Namespaces whose kernel table does not hold what we applied; they are forgotten
-        so that the next sync rewrites them in full."""
+    def sync_namespace(self, network: Network, vpc_id: str, *, adopt: bool = False) -> SyncReport:
+        """Bring one VPC router to `network`. With `adopt`, a namespace we know nothing
+        about is first compared with the kernel: if it already holds the program (by
+        content), nothing is sent (a restart that changes nothing rewrites nothing)."""
+        report = SyncReport()
+        namespace = self.namespace_of(vpc_id)
+        if not self.namespace_exists(namespace):
+            log.warning("router namespace %s of %s is missing; not enforcing", namespace, vpc_id)
+            self.applied.pop(namespace, None)
+            return report
+        try:
+            program = self.compile_program(network, vpc_id, self.table)
+        except Exception as exc:
+            self.applied.pop(namespace, None)
+            raise SyncFailed(namespace, "compile", exc) from exc
+        old = self.applied.get(namespace)
+        if old is None and adopt:
+            try:
+                if not self.differences(namespace, program):
+                    old = program
+                    report.adopted[namespace] = True
+            except Exception as exc:  # cannot tell: rewrite in full
+                log.warning("cannot compare %s with the kernel, rewriting it: %s", namespace, exc)
+        try:
+            commands = diff_programs(old, program)
+            self.backend.apply(namespace, commands)
+        except Exception as exc:
+            self.applied.pop(namespace, None)
+            raise SyncFailed(namespace, "apply", exc) from exc
+        report.full[namespace] = old is None
+        report.commands[namespace] = len(commands)
+        self.applied[namespace] = program
+        # Adopted or freshly written after a restart, the kernel may still track
+        # flows that an older model allowed and this one denies: judge them too.
+        if commands or old is None or report.adopted.get(namespace):
+            self._judge(network, vpc_id, namespace, report)
+        return report
+
+    def judge_flows(self, network: Network, vpc_id: str) -> SyncReport:
+        """Judge the tracked flows of one router against `network` (a retry after a
+        conntrack failure, or after a restart)."""
+        report = SyncReport()
+        self._judge(network, vpc_id, self.namespace_of(vpc_id), report)
+        return report
+
+    def _judge(self, network: Network, vpc_id: str, namespace: str, report: SyncReport) -> None:
+        if self.prune_flows is None:
+            return
+        try:
+            report.flows_cut[namespace] = self.prune_flows(
+                namespace, functools.partial(still_allowed, network, vpc_id)
+            )
+        except Exception as exc:
+            # The rules are committed and stay; only the flows wait for a retry.
+            log.error("judging the tracked flows of %s failed, will retry: %s", namespace, exc)
+            report.unjudged[namespace] = f"{type(exc).__name__}: {exc}"
+
+    # -- verification ------------------------------------------------------------
+
+    def canonical_applied(self, namespace: str, program: Program) -> Canonical:
+        cached = self._canonical.get(namespace)
+        if cached is None or cached[0] is not program:
+            cached = (program, canonical_program(program))
+            self._canonical[namespace] = cached
+        return cached[1]
+
+    def listing(self, namespace: str) -> dict[str, Any] | None:
+        return self.backend.list_table(namespace, "inet", self.table)
+
+    def differences(
+        self, namespace: str, program: Program, listing: dict[str, Any] | None = None
+    ) -> list[str]:
+        """What the kernel's table in `namespace` has that `program` has not, or lacks
+        (content: hooks, policies, rules, elements). Empty when they are equal."""
+        if listing is None:
+            listing = self.listing(namespace)
+        if listing is None:
+            return [f"table inet {self.table} is missing"]
+        return describe_differences(
+            self.canonical_applied(namespace, program), canonical_listing(listing)
+        )
+
+    def verify(self, namespaces: list[str] | None = None) -> list[str]:
+        """Namespaces whose kernel table does not hold, by content, what we applied;
+        they are forgotten so that the next sync rewrites them in full. What differed
+        is logged and kept in `last_differences`."""
         drifted = []
-        for namespace, program in sorted(self.applied.items()):
-            listing = self.backend.list_table(namespace, "inet", self.table)
-            cached = self._summaries.get(namespace)
-            if cached is None or cached[0] is not program:
-                cached = (program, program_summary(program))
-                self._summaries[namespace] = cached
-            expected = cached[1]
-            if listing is None or kernel_summary(listing) != expected:
+        self.last_differences = {}
+        for namespace in sorted(namespaces if namespaces is not None else self.applied):
+            program = self.applied.get(namespace)
+            if program is None:
+                continue
+            found = self.differences(namespace, program)
+            if found:
                 drifted.append(namespace)
+                self.last_differences[namespace] = found
         for namespace in drifted:
-            log.warning("kernel table in %s differs from the applied program", namespace)
+            found = self.last_differences[namespace]
+            more = len(found) - _DIFFERENCES_LOGGED
+            log.warning(
+                "kernel table in %s differs from the applied program, rewriting it: %s%s",
+                namespace,
+                "; ".join(found[:_DIFFERENCES_LOGGED]),
+                f"; and {more} more" if more > 0 else "",
+            )
             self.applied.pop(namespace, None)
         return drifted
 
@@ -144,48 +263,3 @@ def still_allowed(network: Network, vpc_id: str, flow: Flow) -> bool:
     except EcsError as exc:
         log.warning("cutting flow %s the evaluator cannot judge: %s", flow, exc)
         return False
-
-
-Summary = dict[str, object]
-
-
-def program_summary(program: Program) -> Summary:
-    """Object names, rule counts per chain and element counts per set/map of a program."""
-    return _summarise(program.full_sync_commands(), adds=True)
-
-
-def kernel_summary(listing: dict[str, object]) -> Summary:
-    items = listing.get("nftables", [])
-    assert isinstance(items, list)
-    return _summarise(items, adds=False)
-
-
-def _summarise(items: list[dict[str, object]], *, adds: bool) -> Summary:
-    chains: dict[str, int] = {}
-    sets: dict[str, int] = {}
-    for item in items:
-        if adds:
-            if "add" not in item:
-                continue
-            obj = item["add"]
-            assert isinstance(obj, dict)
-        else:
-            obj = item
-        for kind, body in obj.items():
-            if not isinstance(body, dict):
-                continue
-            if kind == "chain":
-                chains.setdefault(str(body["name"]), 0)
-            elif kind == "rule":
-                name = str(body["chain"])
-                chains[name] = chains.get(name, 0) + 1
-            elif kind in ("set", "map"):
-                elems = body.get("elem", [])
-                sets[str(body["name"])] = sets.get(str(body["name"]), 0) + (
-                    len(elems) if isinstance(elems, list) else 0
-                )
-            elif kind == "element":
-                elems = body.get("elem", [])
-                name = str(body["name"])
-                sets[name] = sets.get(name, 0) + (len(elems) if isinstance(elems, list) else 0)
-    return {"chains": chains, "sets": sets}

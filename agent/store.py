@@ -4,9 +4,10 @@ VPC namespace was last programmed with, and a few lab settings.
 SQLite in WAL mode with ``synchronous=FULL``: every write below is one
 transaction, so a crash (even SIGKILL or power loss) leaves either the old or
 the new state, never a mix. The raw topology is stored, not the compiled
-program: the program is derived and may change with the compiler; the
-"applied" digests tell a restarted agent whether the kernel should already
-hold what the current compiler produces.
+program: the program is derived and may change with the compiler. The
+"applied" records say which revision each router enforces (what `lab up`
+waits for); whether the kernel really holds the program is checked by content
+against the kernel's listing, never assumed from a record.
 """
 
 from __future__ import annotations
@@ -49,20 +50,11 @@ class StoreError(Exception):
     """The state store cannot be opened or its content is inconsistent."""
 
 
-class StaleRevision(StoreError):
-    """A compare-and-swap save lost a race with another writer."""
-
-    def __init__(self, expected: int, actual: int) -> None:
-        super().__init__(f"topology revision is {actual}, expected {expected}")
-        self.expected = expected
-        self.actual = actual
-
-
 @dataclass(frozen=True)
 class AppliedRecord:
     namespace: str
     revision: int
-    digest: str  # sha256 of the program JSON that was loaded
+    digest: str  # sha256 of the canonical topology document whose program is in force
     applied_at: float
 
 
@@ -170,22 +162,13 @@ class Store:
             row = self._db.execute("SELECT revision FROM topology WHERE id = 1").fetchone()
         return 0 if row is None else int(row[0])
 
-    def save_topology(
-        self, topology_json: dict[str, Any], *, expect_revision: int | None = None
-    ) -> int:
-        """Store a new topology document; returns its revision (previous + 1).
-
-        With `expect_revision`, the save happens only if the stored revision
-        is still that one (compare-and-swap for concurrent API writers).
-        """
+    def save_topology(self, topology_json: dict[str, Any]) -> int:
+        """Store a new topology document; returns its revision (previous + 1)."""
         text = canonical_json(topology_json)
         doc_digest = hashlib.sha256(text.encode()).hexdigest()
         with self._lock, self._transaction() as db:
             row = db.execute("SELECT revision FROM topology WHERE id = 1").fetchone()
-            current = 0 if row is None else int(row[0])
-            if expect_revision is not None and expect_revision != current:
-                raise StaleRevision(expect_revision, current)
-            new = current + 1
+            new = 1 if row is None else int(row[0]) + 1
             db.execute(
                 "INSERT INTO topology (id, revision, document, digest, saved_at) "
                 "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
@@ -197,14 +180,15 @@ class Store:
 
     # -- what the kernel holds -----------------------------------------------
 
-    def record_applied(self, namespace: str, revision: int, program_digest: str) -> None:
+    def record_applied(self, namespace: str, revision: int, topology_digest: str) -> None:
+        """`namespace` enforces the program of revision `revision` (document `topology_digest`)."""
         with self._lock, self._transaction() as db:
             db.execute(
                 "INSERT INTO applied (namespace, revision, digest, applied_at) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (namespace) DO UPDATE SET "
                 "revision = excluded.revision, digest = excluded.digest, "
                 "applied_at = excluded.applied_at",
-                (namespace, revision, program_digest, time.time()),
+                (namespace, revision, topology_digest, time.time()),
             )
 
     def applied(self, namespace: str) -> AppliedRecord | None:
@@ -214,13 +198,6 @@ class Store:
                 (namespace,),
             ).fetchone()
         return None if row is None else AppliedRecord(*row)
-
-    def forget_applied(self, namespace: str) -> None:
-        """The namespace is gone (or must be fully resynced)."""
-        with self._lock, self._transaction() as db:
-            db.execute("DELETE FROM applied WHERE namespace = ?", (namespace,))
-
-    # -- settings --------------------------------------------------------------
 
     def get_setting(self, key: str, default: str | None = None) -> str | None:
         with self._lock:
@@ -234,24 +211,6 @@ class Store:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
-
-    def set_settings(self, values: dict[str, str]) -> None:
-        """Several settings in one transaction."""
-        with self._lock, self._transaction() as db:
-            db.executemany(
-                "INSERT INTO settings (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                sorted(values.items()),
-            )
-
-    def delete_setting(self, key: str) -> None:
-        with self._lock, self._transaction() as db:
-            db.execute("DELETE FROM settings WHERE key = ?", (key,))
-
-    def settings(self) -> dict[str, str]:
-        with self._lock:
-            rows = self._db.execute("SELECT key, value FROM settings").fetchall()
-        return {str(k): str(v) for k, v in rows}
 
     def close(self) -> None:
         with self._lock:

@@ -381,8 +381,8 @@ def test_group_reference_follows_membership_without_editing_the_rule() -> None:
         5432,
     )
     rule = member.groups["sg-db"].rules[0]
-    assert rule_matches(member, rule, member.enis["eni-db"], ipv6)
-    assert not rule_matches(outsider, rule, outsider.enis["eni-db"], ipv6)
+    assert rule_matches(member, rule, ipv6)
+    assert not rule_matches(outsider, rule, ipv6)
 
 
 # -- families, ports, protocols ------------------------------------------------------------

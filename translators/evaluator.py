@@ -139,15 +139,14 @@ def _peer_matches(network: Network, rule: Rule, peer_ip: IPAddress) -> bool:
     raise TypeError(f"unknown peer type {type(peer).__name__}")  # pragma: no cover
 
 
-def rule_matches(network: Network, rule: Rule, eni: Eni, flow: Flow) -> bool:
-    """Does `rule`, evaluated for `eni` on the rule's direction, match the flow?
+def rule_matches(network: Network, rule: Rule, flow: Flow) -> bool:
+    """Does `rule`, on the side of the rule's direction, match the flow?
 
     Ingress rules look at the sender (`src_ip`) as the peer and the receiver
-    (`dst_ip`) as the local address; egress rules the other way round. `eni`
-    is the ENI whose side is evaluated; its own address is already the local
-    end of the flow, so only the rule's optional local CIDR is checked.
+    (`dst_ip`) as the local address; egress rules the other way round. The
+    ENI whose side is evaluated owns the local end of the flow, so only the
+    rule's optional local CIDR is checked.
     """
-    del eni  # the flow's addresses already say which end is local
     if rule.direction == "ingress":
         peer_ip, local_ip = flow.src_ip, flow.dst_ip
     else:
@@ -188,7 +187,7 @@ def evaluate_side(network: Network, eni: Eni, direction: Direction, flow: Flow) 
         rule
         for group in groups
         for rule in group.rules
-        if rule.direction == direction and rule_matches(network, rule, eni, flow)
+        if rule.direction == direction and rule_matches(network, rule, flow)
     ]
     if not matching:
         return SideDecision(
