@@ -57,6 +57,7 @@ class Agent:
             table=settings.table,
             prune_flows=prune_flows,
             namespace_exists=netns.exists,
+            ct_mark_bit=settings.ct_mark_bit,
         )
         self.revision: int | None = None
         self.network: Network | None = None

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nftsg.translators.compiler import compile_all
+from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT, check_ct_mark_bit, compile_all
 from nftsg.translators.diff import diff_programs
 from nftsg.translators.errors import EcsError
 from nftsg.translators.evaluator import Flow, evaluate
@@ -31,9 +31,10 @@ from .nft_backend import Backend, NftError
 
 log = logging.getLogger(__name__)
 
-# Given a namespace and a predicate over conntrack entries ("is this flow still
-# allowed?"), cut the flows the predicate rejects; returns how many were cut.
-FlowPruner = Callable[[str, Callable[[Flow], bool]], int]
+# Given a namespace, a predicate over conntrack entries ("is this flow still
+# allowed?") and the conntrack mark bit of revoked flows, cut the flows the
+# predicate rejects (and revive the cut ones it accepts); returns how many were cut.
+FlowPruner = Callable[[str, Callable[[Flow], bool], int], int]
 
 
 def program_digest(program: Program) -> str:
@@ -65,10 +66,12 @@ class Reconciler:
         table: str = "nftsg",
         prune_flows: FlowPruner | None = None,
         namespace_exists: Callable[[str], bool] = lambda _ns: True,
+        ct_mark_bit: int = DEFAULT_CT_MARK_BIT,
     ) -> None:
         self.backend = backend
         self.namespace_of = namespace_of
         self.table = table
+        self.ct_mark_bit = check_ct_mark_bit(ct_mark_bit)
         self.prune_flows = prune_flows
         self.namespace_exists = namespace_exists
         self.applied: dict[str, Program] = {}
@@ -86,7 +89,7 @@ class Reconciler:
         """Bring every VPC router namespace to `network`. Raises NftError on the first failure
         (that namespace keeps its last good rules and will get a full sync next time)."""
         report = SyncReport()
-        programs = compile_all(network, self.table)
+        programs = compile_all(network, self.table, self.ct_mark_bit)
         for vpc_id, program in sorted(programs.items()):
             namespace = self.namespace_of(vpc_id)
             if not self.namespace_exists(namespace):
@@ -110,7 +113,7 @@ class Reconciler:
             # flows that an older model allowed and the current one denies.
             if commands and self.prune_flows is not None:
                 report.flows_cut[namespace] = self.prune_flows(
-                    namespace, functools.partial(still_allowed, network, vpc_id)
+                    namespace, functools.partial(still_allowed, network, vpc_id), self.ct_mark_bit
                 )
             # After the commit and the flow judging, not before: at 40k rules the
             # digest (a full render) costs more than the change itself.
