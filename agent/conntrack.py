@@ -3,14 +3,23 @@
 Removing an allow rule does not stop a flow that conntrack already accepted
 (the `ct state established accept` shortcut lets it through). After a change
 the agent lists the namespace's flows, asks the reference evaluator about each
-original tuple and deletes the entries whose verdict became drop; with
-``nf_conntrack_tcp_loose=1`` the next packet of such a flow is a new flow and
-meets the current rules (lab-notes, "Conntrack").
+original tuple and sets the revoked bit of the conntrack mark on the entries
+whose verdict became drop (the forward chain drops flows with that bit, both
+ways); entries the model allows again get the bit cleared. Entries are never
+deleted: a deleted entry would let the responder start the flow over the other
+way round, and could not be revived.
+
+The agent owns one bit of the 32-bit mark (`DEFAULT_CT_MARK_BIT`, configurable);
+every other bit belongs to other users of ct marks on the host. The bit is set
+and cleared with CTA_MARK_MASK, which the kernel applies to the entry's
+current mark (``new = (old & ~mask) ^ mark``) in the one update: no
+read-modify-write in user space, so a foreign bit written between our dump
+and our update is not undone.
 
 pyroute2's ``Conntrack(netns=...)`` forks a helper into the namespace (~7 ms),
 so one socket per (namespace, address family) is kept while the `Conntracker`
-lives. Deletion passes the entry's conntrack id, so a flow that was replaced
-by a new one with the same tuple in the meantime is left alone.
+lives. Updates pass the entry's conntrack id, so a flow that was replaced by a
+new one with the same tuple in the meantime is left alone.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from nftsg.translators.compiler import REVOKED_CT_MARK
+from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT, check_ct_mark_bit
 from nftsg.translators.evaluator import Flow
 
 from .nft_backend import NETNS_DIR, check_namespace_name
@@ -35,7 +44,7 @@ _ICMP_PROTOS = (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
 
 
 class ConntrackError(Exception):
-    """Listing or deleting conntrack entries failed."""
+    """Listing or marking conntrack entries failed."""
 
     def __init__(self, message: str, *, namespace: str) -> None:
         super().__init__(f"{message} (namespace {namespace!r})")
@@ -56,7 +65,7 @@ class FlowEntry:
     proto: int
     sport: int
     dport: int
-    mark: int = 0
+    mark: int = 0  # the whole 32-bit mark, our bit and other users' bits
     state: str = ""  # TCP state name (ESTABLISHED...), "" for other protocols
     status: int = 0  # IPS_* bits
     zone: int = 0
@@ -113,7 +122,7 @@ class Conntracker:
                 raise ConntrackError("namespace does not exist", namespace=namespace)
             from pyroute2 import Conntrack
 
-            # AF_UNSPEC dumps every family; deleting needs the entry's own
+            # AF_UNSPEC dumps every family; updating needs the entry's own
             # family, because the kernel parses the tuple by it.
             sock = Conntrack(netns=namespace, nfgen_family=family)
             self._sockets[key] = sock
@@ -133,40 +142,21 @@ class Conntracker:
                 f"cannot list conntrack entries: {exc}", namespace=namespace
             ) from exc
 
-    def delete_flows(self, namespace: str, entries: Iterable[FlowEntry]) -> int:
-        """Delete the entries; returns how many existed. Gone ones are not errors."""
+    def set_mark_bit(
+        self, namespace: str, changes: Iterable[tuple[FlowEntry, bool]], bit: int
+    ) -> int:
+        """Set (True) or clear (False) `bit` in the mark of each entry, leaving its other
+        bits as they are; returns how many entries still existed."""
         from pyroute2.netlink.exceptions import NetlinkError
 
-        deleted = 0
-        for flow in entries:
-            sock = self._socket(namespace, flow.family)
-            orig, extra = _tuple_of(flow)
-            try:
-                sock.entry("del", tuple_orig=orig, **extra)
-            except NetlinkError as exc:
-                if exc.code == errno.ENOENT:
-                    continue  # already gone: timed out, or closed meanwhile
-                raise ConntrackError(
-                    f"cannot delete conntrack entry {flow}: {exc}", namespace=namespace
-                ) from exc
-            except OSError as exc:
-                self._drop(namespace)
-                raise ConntrackError(
-                    f"cannot delete conntrack entry {flow}: {exc}", namespace=namespace
-                ) from exc
-            deleted += 1
-        return deleted
-
-    def set_marks(self, namespace: str, marks: Iterable[tuple[FlowEntry, int]]) -> int:
-        """Set the conntrack mark of each entry; returns how many still existed."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
+        check_ct_mark_bit(bit)
         updated = 0
-        for flow, mark in marks:
+        for flow, on in changes:
             sock = self._socket(namespace, flow.family)
             orig, extra = _tuple_of(flow)
             try:
-                sock.entry("set", tuple_orig=orig, mark=mark, **extra)
+                # The kernel computes (mark & ~mark_mask) ^ mark: only `bit` changes.
+                sock.entry("set", tuple_orig=orig, mark=bit if on else 0, mark_mask=bit, **extra)
             except NetlinkError as exc:
                 if exc.code == errno.ENOENT:
                     continue  # timed out or closed meanwhile
@@ -181,36 +171,26 @@ class Conntracker:
             updated += 1
         return updated
 
-    def judge(self, namespace: str, predicate: Predicate, revoked_mark: int) -> int:
-        """Mark every tracked flow that `predicate` rejects with `revoked_mark`, and clear
-        the mark of marked flows it accepts again. Returns how many flows were newly cut.
+    def judge(self, namespace: str, predicate: Predicate, bit: int = DEFAULT_CT_MARK_BIT) -> int:
+        """Set `bit` in the mark of every tracked flow that `predicate` rejects, and clear
+        it in flows it accepts again. Returns how many flows were newly cut.
 
-        The ruleset drops packets of marked flows in both directions, so a revoked
-        flow stops at once; its entry stays (until it times out), so the responder
-        cannot restart it the other way round, and a restored rule revives it.
+        Whether a flow is cut is read from `bit` alone; other bits of the mark belong
+        to other users and are neither read nor changed. The ruleset drops flows with
+        `bit` set in both directions, so a revoked flow stops at once; its entry stays
+        (until it times out), so the responder cannot restart it the other way round,
+        and a restored rule revives it.
         """
-        changes: list[tuple[FlowEntry, int]] = []
-        cut = 0
+        changes: list[tuple[FlowEntry, bool]] = []
         for flow in self.list_flows(namespace):
-            want = 0 if predicate(flow) else revoked_mark
-            if flow.mark != want:
-                changes.append((flow, want))
-                cut += want == revoked_mark
+            revoked = bool(flow.mark & bit)
+            if predicate(flow) == revoked:  # allowed but cut, or denied but not cut
+                changes.append((flow, not revoked))
+        cut = sum(on for _, on in changes)
         if changes:
             log.info("%d flow(s) cut, %d revived in %s", cut, len(changes) - cut, namespace)
-        self.set_marks(namespace, changes)
+        self.set_mark_bit(namespace, changes, bit)
         return cut
-
-    def prune(self, namespace: str, predicate: Predicate) -> int:
-        """Delete every entry whose original tuple `predicate` rejects (False).
-
-        Returns the number of entries deleted. The predicate is normally the
-        reference evaluator asked "would this flow be accepted now?".
-        """
-        doomed = [flow for flow in self.list_flows(namespace) if not predicate(flow)]
-        if doomed:
-            log.info("cutting %d flow(s) in %s", len(doomed), namespace)
-        return self.delete_flows(namespace, doomed)
 
     def release(self, namespace: str) -> None:
         self._drop(namespace)
@@ -269,12 +249,15 @@ def as_evaluator_flow(entry: FlowEntry) -> Flow:
     )
 
 
-def prune_flows(namespace: str, allowed: Callable[[Flow], bool]) -> int:
+def prune_flows(
+    namespace: str, allowed: Callable[[Flow], bool], bit: int = DEFAULT_CT_MARK_BIT
+) -> int:
     """Cut the flows of `namespace` that `allowed` (the evaluator) now denies, and
-    revive the cut ones it allows again; returns how many were newly cut.
+    revive the cut ones it allows again, by conntrack mark `bit`; returns how many
+    were newly cut.
 
     The reconciler's flow judge, run after every change. Sockets are opened per
     call: a cached one could outlive a namespace that `lab down`/`lab up` replaced.
     """
     with Conntracker() as ct:
-        return ct.judge(namespace, lambda entry: allowed(as_evaluator_flow(entry)), REVOKED_CT_MARK)
+        return ct.judge(namespace, lambda entry: allowed(as_evaluator_flow(entry)), bit)

@@ -160,6 +160,7 @@ class Agent:
             prune_flows=judge_flows,
             namespace_exists=namespace_exists,
             compile_program=compile_program,
+            ct_mark_bit=settings.ct_mark_bit,
         )
         self.revision: int | None = None  # the loaded model's revision
         self.network: Network | None = None

@@ -98,8 +98,8 @@ _ROUTER_SYSCTLS: dict[str, int] = {
     # ECS tracks sessions for at most 910 s idle (semantics.md "State"); the
     # kernel's default for established TCP is five days.
     "net/netfilter/nf_conntrack_tcp_timeout_established": 910,
-    # After a revoke the agent deletes the flow's entry; with loose pickup the
-    # flow's next packet is then judged as new against the current rules.
+    # With loose pickup, a TCP packet whose entry is gone (timed out, flushed)
+    # starts a new entry and is judged against the current rules as a new flow.
     "net/netfilter/nf_conntrack_tcp_loose": 1,
 }
 

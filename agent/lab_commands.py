@@ -25,7 +25,7 @@ from .lab import Lab
 from .labplan import LabError
 from .netns import NetnsError
 from .nft_backend import NftError
-from .settings import Settings, settings_from_env
+from .settings import Settings, SettingsError, settings_from_env
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ OPERATOR_ERRORS: tuple[type[Exception], ...] = (
     NetnsError,
     StoreError,
     NftError,
+    SettingsError,
 )
 
 

@@ -35,7 +35,7 @@ from nftsg.translators.canonical import (
     canonical_program,
     describe_differences,
 )
-from nftsg.translators.compiler import compile_vpc
+from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT, check_ct_mark_bit, compile_vpc
 from nftsg.translators.diff import diff_programs
 from nftsg.translators.errors import EcsError
 from nftsg.translators.evaluator import Flow, evaluate
@@ -46,12 +46,12 @@ from .nft_backend import Backend
 
 log = logging.getLogger(__name__)
 
-# Given a namespace and a predicate over conntrack entries ("is this flow still
-# allowed?"), mark the flows the predicate rejects (and unmark those it accepts
-# again); returns how many were newly cut.
-FlowJudge = Callable[[str, Callable[[Flow], bool]], int]
-# (model, vpc id, table name) -> the program of that VPC router.
-Compile = Callable[[Network, str, str], Program]
+# Given a namespace, a predicate over conntrack entries ("is this flow still
+# allowed?") and the conntrack mark bit of revoked flows, mark the flows the
+# predicate rejects (and unmark those it accepts again); returns how many were cut.
+FlowJudge = Callable[[str, Callable[[Flow], bool], int], int]
+# (model, vpc id, table name, ct mark bit) -> the program of that VPC router.
+Compile = Callable[[Network, str, str, int], Program]
 
 # How many differences a drift log line names (the rest are counted).
 _DIFFERENCES_LOGGED = 12
@@ -104,10 +104,12 @@ class Reconciler:
         prune_flows: FlowJudge | None = None,
         namespace_exists: Callable[[str], bool] = lambda _ns: True,
         compile_program: Compile = compile_vpc,
+        ct_mark_bit: int = DEFAULT_CT_MARK_BIT,
     ) -> None:
         self.backend = backend
         self.namespace_of = namespace_of
         self.table = table
+        self.ct_mark_bit = check_ct_mark_bit(ct_mark_bit)
         self.prune_flows = prune_flows
         self.namespace_exists = namespace_exists
         self.compile_program = compile_program
@@ -157,7 +159,7 @@ class Reconciler:
             self.applied.pop(namespace, None)
             return report
         try:
-            program = self.compile_program(network, vpc_id, self.table)
+            program = self.compile_program(network, vpc_id, self.table, self.ct_mark_bit)
         except Exception as exc:
             self.applied.pop(namespace, None)
             raise SyncFailed(namespace, "compile", exc) from exc
@@ -196,7 +198,7 @@ class Reconciler:
             return
         try:
             report.flows_cut[namespace] = self.prune_flows(
-                namespace, functools.partial(still_allowed, network, vpc_id)
+                namespace, functools.partial(still_allowed, network, vpc_id), self.ct_mark_bit
             )
         except Exception as exc:
             # The rules are committed and stay; only the flows wait for a retry.

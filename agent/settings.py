@@ -11,9 +11,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT, check_ct_mark_bit
+
 DEFAULT_STATE_DIR = Path("/var/lib/nftsg")
 DEFAULT_PREFIX = "nftsg"
 DEFAULT_TABLE = "nftsg"
+CT_MARK_BIT_ENV = "NFTSG_CT_MARK_BIT"
+
+
+class SettingsError(ValueError):
+    """A setting from the environment that cannot be used."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +28,8 @@ class Settings:
     state_dir: Path
     prefix: str
     table: str
+    # The one conntrack mark bit of revoked flows; the other bits belong to others.
+    ct_mark_bit: int = DEFAULT_CT_MARK_BIT
 
     @property
     def db_path(self) -> Path:
@@ -38,9 +47,24 @@ class Settings:
 def settings_from_env(
     state_dir: str | None = None, prefix: str | None = None, table: str | None = None
 ) -> Settings:
-    """Explicit arguments win over NFTSG_STATE_DIR / NFTSG_PREFIX / NFTSG_TABLE."""
+    """Explicit arguments win over NFTSG_STATE_DIR / NFTSG_PREFIX / NFTSG_TABLE;
+    NFTSG_CT_MARK_BIT sets the conntrack mark bit. Raises SettingsError."""
     return Settings(
         state_dir=Path(state_dir or os.environ.get("NFTSG_STATE_DIR") or DEFAULT_STATE_DIR),
         prefix=prefix or os.environ.get("NFTSG_PREFIX") or DEFAULT_PREFIX,
         table=table or os.environ.get("NFTSG_TABLE") or DEFAULT_TABLE,
+        ct_mark_bit=parse_ct_mark_bit(os.environ.get(CT_MARK_BIT_ENV)),
     )
+
+
+def parse_ct_mark_bit(text: str | None) -> int:
+    """The bit in `text` (``0x40000000``, decimal works too); unset or empty: the default."""
+    if text is None or not text.strip():
+        return DEFAULT_CT_MARK_BIT
+    try:
+        return check_ct_mark_bit(int(text.strip(), 0))
+    except ValueError:
+        raise SettingsError(
+            f"{CT_MARK_BIT_ENV}={text!r}: must be exactly one bit of the 32-bit conntrack "
+            f"mark, such as {DEFAULT_CT_MARK_BIT:#x}"
+        ) from None

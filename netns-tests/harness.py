@@ -43,6 +43,7 @@ from nftsg.agent.lab import Lab
 from nftsg.agent.nft_backend import NftBackend
 from nftsg.agent.probe import ProbeResult, icmp_checksum, ping_probe, tcp_probe, udp_probe
 from nftsg.agent.reconcile import Reconciler, SyncReport
+from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT
 from nftsg.translators.evaluator import Decision, Flow, SideDecision, evaluate
 from nftsg.translators.model import topology_from_data
 from nftsg.translators.network import Eni, IPAddress, Network
@@ -241,7 +242,9 @@ class Observation:
 class EnforcedLab:
     """A lab under nftsg enforcement, driven in-process (see the module docstring)."""
 
-    def __init__(self, prefix: str, *, table: str = TABLE) -> None:
+    def __init__(
+        self, prefix: str, *, table: str = TABLE, ct_mark_bit: int = DEFAULT_CT_MARK_BIT
+    ) -> None:
         self.prefix = prefix
         self.table = table
         self.lab = Lab(prefix)
@@ -252,6 +255,7 @@ class EnforcedLab:
             table=table,
             prune_flows=prune_flows,  # the daemon's pruner
             namespace_exists=netns.exists,
+            ct_mark_bit=ct_mark_bit,
         )
         self.network: Network | None = None
         self.reports: list[SyncReport] = []

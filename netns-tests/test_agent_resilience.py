@@ -119,15 +119,15 @@ class Rig:
         store = FlakyStore(state_dir / "state.db")
         store.faults = self.faults
 
-        def compile_program(network: Network, vpc_id: str, table: str) -> Program:
+        def compile_program(network: Network, vpc_id: str, table: str, bit: int) -> Program:
             if vpc_id in self.faults.compile:
                 raise RuntimeError(f"injected compiler bug for {vpc_id}")
-            return compile_vpc(network, vpc_id, table)
+            return compile_vpc(network, vpc_id, table, ct_mark_bit=bit)
 
-        def judge(namespace: str, allowed: Callable[[Flow], bool]) -> int:
+        def judge(namespace: str, allowed: Callable[[Flow], bool], bit: int) -> int:
             if self.faults.judge:
                 raise ConntrackError("injected: netlink socket closed", namespace=namespace)
-            return prune_flows(namespace, allowed)
+            return prune_flows(namespace, allowed, bit)
 
         self.agent = Agent(
             Settings(state_dir=state_dir, prefix=lab.prefix, table="nftsg"),

@@ -131,12 +131,12 @@ class Faults:
         self.judge_failing = False
         self.judged: list[str] = []
 
-    def compile(self, network: Network, vpc_id: str, table: str) -> Program:
+    def compile(self, network: Network, vpc_id: str, table: str, bit: int) -> Program:
         if vpc_id in self.compile_failing:
             raise RuntimeError(f"injected compiler bug for {vpc_id}")
-        return compile_vpc(network, vpc_id, table)
+        return compile_vpc(network, vpc_id, table, ct_mark_bit=bit)
 
-    def judge(self, namespace: str, allowed: Callable[[Flow], bool]) -> int:
+    def judge(self, namespace: str, allowed: Callable[[Flow], bool], bit: int) -> int:
         if self.judge_failing:
             raise ConntrackError("injected: cannot list conntrack entries", namespace=namespace)
         self.judged.append(namespace)

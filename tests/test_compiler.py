@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 import json
 import os
@@ -16,9 +17,17 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nftsg.translators.compiler import REVOKED_CT_MARK, compile_all, compile_vpc, split_parts
+from nftsg.translators.compiler import (
+    DEFAULT_CT_MARK_BIT,
+    check_ct_mark_bit,
+    compile_all,
+    compile_vpc,
+    forward_chain,
+    split_parts,
+)
 from nftsg.translators.network import Network
 from nftsg.translators.nft import COMMENT_MAX_BYTES, Match, Program, SetRef, Span, Verdict
+from nftsg.translators.tracer import Packet, Ruleset
 from nftsg.translators.validate import load_network
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,9 +111,11 @@ def test_forward_chain_is_the_documented_dispatch(demo: tuple[Network, Program])
             },
             {"drop": None},
         ]
-    # Flows the agent marked as denied by the current model drop in both directions.
+    # Flows the agent marked as denied by the current model drop in both directions;
+    # the rule reads only the agent's bit of the mark.
+    bit = DEFAULT_CT_MARK_BIT
     assert exprs.pop(0) == [
-        {"match": {"op": "==", "left": {"ct": {"key": "mark"}}, "right": REVOKED_CT_MARK}},
+        {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, bit]}, "right": bit}},
         {"drop": None},
     ]
     assert exprs[0] == [
@@ -477,6 +488,68 @@ def test_parts_never_overlap_and_match_the_same_packets(
     corners = [tuple(s.lo for s in k) for k in keys] + [tuple(s.hi for s in k) for k in keys]
     for point in [*points, *corners]:
         assert _covered(flat, point) == _covered(list(keys), point)
+
+
+# --------------------------------------------------------------------------- ct mark bit
+
+
+def _revoked_rule(prog: Program) -> dict[str, Any]:
+    (rule,) = [r for r in chain_rules(prog, "forward") if "denies" in r.get("comment", "")]
+    return rule
+
+
+def test_a_configured_ct_mark_bit_is_the_one_the_forward_chain_reads() -> None:
+    net = load_network(DEMO.read_text())
+    prog = compile_all(net, ct_mark_bit=0x10)["vpc-demo"]
+    assert _revoked_rule(prog)["expr"] == [
+        {"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 0x10]}, "right": 0x10}},
+        {"drop": None},
+    ]
+    assert compile_vpc(net, "vpc-demo", ct_mark_bit=0x10) == prog
+    assert compile_vpc(net, "vpc-demo") != prog  # the default bit is another one
+
+
+def test_an_established_flow_is_dropped_by_its_bit_not_by_foreign_bits() -> None:
+    net = load_network(DEMO.read_text())
+    bit = 0x10
+    ruleset = Ruleset(compile_vpc(net, "vpc-demo", ct_mark_bit=bit).to_json())
+    # A packet of an established flow between two ports: the conntrack shortcut
+    # accepts it...
+    one, two = sorted(net.enis.values(), key=lambda e: e.eni_id)[:2]
+    reply = Packet(
+        one.ifname, two.ifname, one.ipv4[0], two.ipv4[0], 6, 8080, 40000, "established"
+    )
+    assert ruleset.trace(reply).verdict == "accept"
+    # ...whatever other users of the mark set, the default bit included...
+    for foreign in (0x5, DEFAULT_CT_MARK_BIT, 0xFFFFFFFF & ~bit):
+        packet = dataclasses.replace(reply, ct_mark=foreign)
+        assert ruleset.trace(packet).verdict == "accept", hex(foreign)
+    # ...and the configured bit drops it, alone or beside foreign bits.
+    for marked in (bit, bit | 0x5, 0xFFFFFFFF):
+        trace = ruleset.trace(dataclasses.replace(reply, ct_mark=marked))
+        assert trace.verdict == "drop", hex(marked)
+        assert "ct mark & 0x00000010" in str(trace)
+
+
+def test_bit_31_is_written_as_the_prefix_nft_lists_it_as() -> None:
+    # nft 1.0.6 lists `ct mark & 0x80000000 == 0x80000000` as `ct mark 0x80000000/1`.
+    prog = Program("inet", "t", chains=(forward_chain(0x80000000),))
+    assert _revoked_rule(prog)["expr"][0] == {
+        "match": {
+            "op": "==",
+            "left": {"ct": {"key": "mark"}},
+            "right": {"prefix": {"addr": 0x80000000, "len": 1}},
+        }
+    }
+
+
+@pytest.mark.parametrize("bad", [0, 3, 0x30, -1, 1 << 32, 0xFFFFFFFF, True, "0x10"])
+def test_a_ct_mark_bit_that_is_not_exactly_one_bit_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="exactly one bit of the 32-bit mark"):
+        check_ct_mark_bit(bad)
+    net = load_network(DEMO.read_text())
+    with pytest.raises(ValueError, match="exactly one bit"):
+        compile_all(net, ct_mark_bit=bad)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- goldens

@@ -322,6 +322,83 @@ def test_ct_state_flag_list() -> None:
     assert verdict(prog, tcp4(ct_state="new")) == "drop"
 
 
+# -- the conntrack mark, read under a mask ------------------------------------------
+
+CT_MARK = {"ct": {"key": "mark"}}
+FOREIGN = 0x5  # bits of another user of ct marks on the host
+
+
+def masked(mask: int) -> dict[str, Any]:
+    return {"&": [CT_MARK, mask]}
+
+
+def listed_revoke_rule(expr: dict[str, Any]) -> dict[str, Any]:
+    """A listing (``nft -j list ruleset`` of nft 1.0.6) whose forward chain drops marked flows."""
+    return {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "t", "handle": 1}},
+            {"chain": {**T, "name": "forward", "handle": 1, "type": "filter",
+                       "hook": "forward", "prio": 0, "policy": "accept"}},
+            {"rule": {**T, "chain": "forward", "handle": 2, "comment": "revoked",
+                      "expr": [expr, DROP]}},
+        ]
+    }
+
+
+@pytest.mark.parametrize("bit", [0x1, 0x40000000, 0x80000000])
+def test_a_masked_ct_mark_match_reads_only_its_bit(bit: int) -> None:
+    prog = program(base("accept"), rule("forward", match(masked(bit), bit), DROP))
+    for mark in (0, FOREIGN & ~bit or 0x2, 0xFFFFFFFF & ~bit):
+        assert verdict(prog, tcp4(ct_mark=mark)) == "accept", hex(mark)
+    for mark in (bit, bit | 0x6, 0xFFFFFFFF):
+        assert verdict(prog, tcp4(ct_mark=mark)) == "drop", hex(mark)
+
+
+def test_a_masked_ct_mark_compared_with_zero() -> None:
+    prog = program(base("accept"), rule("forward", match(masked(0x10), 0, "!="), DROP))
+    assert verdict(prog, tcp4(ct_mark=0x10 | FOREIGN)) == "drop"
+    assert verdict(prog, tcp4(ct_mark=FOREIGN)) == "accept"
+
+
+@pytest.mark.parametrize(
+    ("bit", "expr"),
+    [
+        # As nft 1.0.6 lists `ct mark & 0x40000000 == 0x40000000`...
+        pytest.param(
+            0x40000000, match(masked(0x40000000), 0x40000000), id="and-form"
+        ),
+        # ...and `ct mark & 0x80000000 == 0x80000000`: `ct mark 0x80000000/1`.
+        pytest.param(
+            0x80000000,
+            match(CT_MARK, {"prefix": {"addr": 0x80000000, "len": 1}}),
+            id="prefix-form",
+        ),
+    ],
+)
+def test_the_listed_forms_of_the_revoke_rule(bit: int, expr: dict[str, Any]) -> None:
+    ruleset = Ruleset(listed_revoke_rule(expr))
+    assert ruleset.trace(tcp4(ct_mark=FOREIGN)).verdict == "accept"
+    assert ruleset.trace(tcp4(ct_mark=0x7FFFFFFF & ~bit)).verdict == "accept"
+    assert ruleset.trace(tcp4(ct_mark=bit)).verdict == "drop"
+    assert ruleset.trace(tcp4(ct_mark=bit | FOREIGN)).verdict == "drop"
+
+
+def test_a_mark_prefix_of_two_bits() -> None:
+    # `ct mark & 0xc0000000 == 0x40000000`, listed as `ct mark 0x40000000/2`.
+    two_bits = {"prefix": {"addr": 0x40000000, "len": 2}}
+    ruleset = Ruleset(listed_revoke_rule(match(CT_MARK, two_bits)))
+    assert ruleset.trace(tcp4(ct_mark=0x40000000 | FOREIGN)).verdict == "drop"
+    assert ruleset.trace(tcp4(ct_mark=0xC0000000)).verdict == "accept"
+    assert ruleset.trace(tcp4(ct_mark=FOREIGN)).verdict == "accept"
+
+
+def test_a_packet_mark_must_be_32_bits() -> None:
+    prog = program(base("accept"), rule("forward", match(masked(1), 1), DROP))
+    with pytest.raises(ValueError, match="32-bit"):
+        verdict(prog, tcp4(ct_mark=1 << 32))
+
+
 # -- named sets and maps ----------------------------------------------------------
 
 RULE_SET_TYPE = ["inet_proto", "ipv4_addr", "inet_service", "inet_service", "ipv4_addr"]
@@ -591,6 +668,16 @@ def test_packet_families_must_agree() -> None:
 UNSUPPORTED_RULES = [
     pytest.param(match(payload("tcp", "dport"), 22), id="tcp payload"),
     pytest.param(match(meta("mark"), 1), id="meta mark"),
+    pytest.param(match({"&": [meta("mark"), 1]}, 1), id="meta mark masked"),
+    pytest.param(match({"&": [{"ct": {"key": "state"}}, 1]}, 1), id="ct state masked"),
+    pytest.param(match({"&": [{"ct": {"key": "mark"}}, "x"]}, 1), id="mask not a number"),
+    pytest.param(match({"&": [{"ct": {"key": "mark"}}, 1 << 32]}, 1), id="mask over 32 bits"),
+    pytest.param(match({"&": [{"ct": {"key": "mark"}}]}, 1), id="and of one operand"),
+    pytest.param(match({"|": [{"ct": {"key": "mark"}}, 1]}, 1), id="bitwise or"),
+    pytest.param(
+        match({"ct": {"key": "mark"}}, {"prefix": {"addr": 1, "len": 1, "x": 0}}),
+        id="mark prefix keys",
+    ),
     pytest.param(match({"ct": {"key": "status"}}, "dnat"), id="ct status"),
     pytest.param(match(payload("th", "dport"), 22, "<"), id="operator <"),
     pytest.param(match(meta("iifname"), "e*"), id="ifname wildcard"),

@@ -32,11 +32,13 @@ from .network import (
 from .nft import (
     ACCEPT,
     DROP,
+    MARK_BITS,
     RETURN,
     BaseHook,
     Concat,
     Ct,
     Key,
+    Masked,
     Match,
     Meta,
     NftChain,
@@ -178,10 +180,11 @@ def group_set_name(group_id: str, direction: str, bkey: BucketKey, part: int) ->
 
 
 class _Compiler:
-    def __init__(self, network: Network, vpc_id: str, table: str) -> None:
+    def __init__(self, network: Network, vpc_id: str, table: str, ct_mark_bit: int) -> None:
         self.net = network
         self.vpc_id = vpc_id
         self.table = table
+        self.ct_mark_bit = ct_mark_bit
         self.enis: list[Eni] = sorted(
             (e for e in network.enis.values() if e.vpc_id == vpc_id), key=lambda e: e.eni_id
         )
@@ -417,20 +420,48 @@ class _Compiler:
             make_map("egress_dispatch", IFNAME, egress),
             make_map("ingress_dispatch", IFNAME, ingress),
         ]
-        chains.append(forward_chain())
+        chains.append(forward_chain(self.ct_mark_bit))
         return Program("inet", self.table, tuple(sets), tuple(maps), tuple(chains))
 
 
-# The agent sets this conntrack mark on tracked flows that the current model
-# denies (and clears it when they are allowed again). Dropping marked flows in
-# both directions cuts a revoked flow at once, and, unlike deleting its entry,
-# keeps the flow's identity: a packet of the responder cannot start the flow
-# over in the other direction, and restoring the rule revives the flow.
-REVOKED_CT_MARK = 1
+# The agent sets this bit of the conntrack mark on tracked flows that the current
+# model denies (and clears it when they are allowed again). Dropping flows with
+# the bit set, in both directions, cuts a revoked flow at once, and, unlike
+# deleting its entry, keeps the flow's identity: a packet of the responder cannot
+# start the flow over in the other direction, and restoring the rule revives it.
+#
+# Only this bit is ours: the rule matches it under a mask and the agent sets and
+# clears it alone, so other users of ct marks on the host (policy routing,
+# CONNMARK setups, VPN tools) keep the other 31 bits. Those users mostly take
+# small values and the low bits, hence a high bit by default. Not bit 31: nft
+# lists a match on it as a prefix (`ct mark 0x80000000/1`), which reads badly;
+# bit 30 is the highest one listed as `ct mark & 0x40000000 == 0x40000000`.
+# Configurable (NFTSG_CT_MARK_BIT) for a host where bit 30 is taken.
+DEFAULT_CT_MARK_BIT = 0x40000000
 
 
-def forward_chain() -> NftChain:
-    """The base chain, in the order of dataplane.md; every rule there is static."""
+def check_ct_mark_bit(bit: object) -> int:
+    """`bit` if it is exactly one bit of the 32-bit conntrack mark; ValueError otherwise."""
+    if (
+        not isinstance(bit, int)
+        or isinstance(bit, bool)
+        or not 0 < bit < 1 << MARK_BITS
+        or bit & (bit - 1)
+    ):
+        shown = f"{bit:#x}" if isinstance(bit, int) and not isinstance(bit, bool) else repr(bit)
+        raise ValueError(
+            f"the conntrack mark bit must be exactly one bit of the 32-bit mark "
+            f"(such as {DEFAULT_CT_MARK_BIT:#x}), not {shown}"
+        )
+    return bit
+
+
+def forward_chain(ct_mark_bit: int = DEFAULT_CT_MARK_BIT) -> NftChain:
+    """The base chain, in the order of dataplane.md; every rule there is static.
+
+    `ct_mark_bit` is the conntrack mark bit of revoked flows (`DEFAULT_CT_MARK_BIT`).
+    """
+    bit = check_ct_mark_bit(ct_mark_bit)
     anti_spoof = [
         NftRule(
             (
@@ -450,7 +481,9 @@ def forward_chain() -> NftChain:
         "forward",
         (
             *anti_spoof,
-            NftRule((Match(Ct("mark"), REVOKED_CT_MARK), DROP), "flows the model now denies"),
+            NftRule(
+                (Match(Masked(Ct("mark"), bit), bit), DROP), "flows the model now denies"
+            ),
             NftRule(
                 (
                     VerdictMap(
@@ -469,14 +502,25 @@ def forward_chain() -> NftChain:
     )
 
 
-def compile_vpc(network: Network, vpc_id: str, table: str = DEFAULT_TABLE) -> Program:
-    """The program of the VPC router of `vpc_id`."""
+def compile_vpc(
+    network: Network,
+    vpc_id: str,
+    table: str = DEFAULT_TABLE,
+    ct_mark_bit: int = DEFAULT_CT_MARK_BIT,
+) -> Program:
+    """The program of the VPC router of `vpc_id`; `ct_mark_bit` as in `forward_chain`."""
     if vpc_id not in network.vpcs:
         raise KeyError(f"unknown VPC {vpc_id!r}")
+    check_ct_mark_bit(ct_mark_bit)
     with cyclic_gc_paused():
-        return _Compiler(network, vpc_id, table).program()
+        return _Compiler(network, vpc_id, table, ct_mark_bit).program()
 
 
-def compile_all(network: Network, table: str = DEFAULT_TABLE) -> dict[str, Program]:
+def compile_all(
+    network: Network, table: str = DEFAULT_TABLE, ct_mark_bit: int = DEFAULT_CT_MARK_BIT
+) -> dict[str, Program]:
     """One program per VPC, keyed (and ordered) by VPC id."""
-    return {vpc_id: compile_vpc(network, vpc_id, table) for vpc_id in sorted(network.vpcs)}
+    return {
+        vpc_id: compile_vpc(network, vpc_id, table, ct_mark_bit)
+        for vpc_id in sorted(network.vpcs)
+    }

@@ -83,7 +83,32 @@ class Concat:
     items: tuple[Meta | Payload | Ct, ...]
 
 
-Expr: TypeAlias = Meta | Payload | Ct | Concat
+MARK_BITS = 32  # the conntrack mark is a 32-bit integer
+
+
+@dataclass(frozen=True, slots=True)
+class Masked:
+    """``expr & mask``: some bits of the 32-bit conntrack mark, so a rule reads only
+    the bits it owns and leaves the others to other users of the mark."""
+
+    expr: Ct
+    mask: int
+
+    def __post_init__(self) -> None:
+        if self.expr.key != "mark":
+            raise ValueError(f"only the ct mark is masked, not ct {self.expr.key}")
+        if not 0 < self.mask < 1 << MARK_BITS:
+            raise ValueError(f"mask {self.mask:#x} is not a non-zero 32-bit value")
+
+    @property
+    def is_prefix(self) -> bool:
+        """The mask is leading ones (0x80000000, 0xc0000000...): nft lists such a
+        match as a prefix, ``ct mark 0x80000000/1``."""
+        low = (1 << MARK_BITS) - 1 - self.mask
+        return low & (low + 1) == 0
+
+
+Expr: TypeAlias = Meta | Payload | Ct | Concat | Masked
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +144,13 @@ class Match:
     left: Expr
     right: str | int | SetRef
     op: Literal["==", "!="] = "=="
+
+    def __post_init__(self) -> None:
+        if isinstance(self.left, Masked) and not (
+            isinstance(self.right, int) and self.right & ~self.left.mask == 0
+        ):
+            # A bit outside the mask can never be equal: the rule would be dead.
+            raise ValueError(f"{self.right!r} is not a value of the mask {self.left.mask:#x}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +338,8 @@ def _render_expr(e: Expr) -> JsonObj:
         return {"payload": {"protocol": e.protocol, "field": e.field}}
     if isinstance(e, Ct):
         return {"ct": {"key": e.key}}
+    if isinstance(e, Masked):
+        return {"&": [_render_expr(e.expr), e.mask]}
     return {"concat": [_render_expr(i) for i in e.items]}
 
 
@@ -409,8 +443,7 @@ class Writer:
         if isinstance(st, Verdict):
             out = render_verdict(st)
         elif isinstance(st, Match):
-            right: Any = f"@{st.right.name}" if isinstance(st.right, SetRef) else st.right
-            out = {"match": {"op": st.op, "left": self._expr(st.left), "right": right}}
+            out = self._match(st)
         else:
             data: Any
             if isinstance(st.data, SetRef):
@@ -420,6 +453,16 @@ class Writer:
             out = {"vmap": {"key": self._expr(st.key), "data": data}}
         self._statements[id(st)] = (st, out)
         return out
+
+    def _match(self, st: Match) -> JsonObj:
+        left, right = st.left, st.right
+        if isinstance(left, Masked) and left.is_prefix:
+            # nft 1.0.6 lists `ct mark & 0x80000000 == 0x80000000` back as the prefix
+            # `ct mark 0x80000000/1`; writing that form keeps program and listing equal.
+            prefix = {"prefix": {"addr": right, "len": left.mask.bit_count()}}
+            return {"match": {"op": st.op, "left": self._expr(left.expr), "right": prefix}}
+        value: Any = f"@{right.name}" if isinstance(right, SetRef) else right
+        return {"match": {"op": st.op, "left": self._expr(left), "right": value}}
 
     def _expr(self, e: Expr) -> JsonObj:
         got = self._exprs.get(id(e))

@@ -15,6 +15,11 @@ dependencies (``meta nfproto ipv4`` before ``ip saddr``); the tracer applies
 them itself: an ``ip`` field on an IPv6 packet (and vice versa) makes the
 rule not match, whatever the operator, as in the kernel.
 
+The conntrack mark is read only under a mask (``ct mark & 0x40000000 ==
+0x40000000``, the agent's one bit), so a `Packet` carries the whole 32-bit mark
+and bits of other users do not change a verdict. nft lists a mask of leading
+ones as a prefix (``ct mark 0x80000000/1``); both forms are read.
+
 Ports of protocols without ports: ``th dport``/``th sport`` load bytes 2-3 and
 0-1 of whatever transport header follows (the ICMP checksum, the GRE
 protocol type...), so for ICMP, ICMPv6, GRE and the like they are "any
@@ -101,7 +106,7 @@ class Packet:
     sport: int = 0
     dport: int = 0
     ct_state: CtState = "new"
-    ct_mark: int = 0  # the agent marks tracked flows the current model denies
+    ct_mark: int = 0  # the whole 32-bit mark; the agent owns one bit of it (revoked flows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +171,8 @@ def _scalar(typ: str, raw: object) -> Scalar:
 
 def _interval(typ: str, raw: object, *, ranges_ok: bool) -> Interval:
     """One field of an element: a value, a prefix or a range."""
+    if typ == "mark" and isinstance(raw, dict) and set(raw) == {"prefix"}:
+        return _mark_prefix(raw)
     if isinstance(raw, dict) and len(raw) == 1 and ("prefix" in raw or "range" in raw):
         if typ not in _INTERVAL_TYPES:
             raise UnsupportedExpression(f"interval {raw!r} of type {typ}")
@@ -194,6 +201,22 @@ def _interval(typ: str, raw: object, *, ranges_ok: bool) -> Interval:
         return lo, hi
     value = _scalar(typ, raw)
     return value, value
+
+
+def _mark_prefix(raw: dict[str, Any]) -> Interval:
+    """``ct mark 0x80000000/1``: how nft lists ``ct mark & m == v`` when m is leading ones.
+
+    The marks whose leading `len` bits equal those of `addr` form one interval.
+    """
+    body = raw["prefix"]
+    if not isinstance(body, dict) or set(body) != {"addr", "len"}:
+        raise UnsupportedExpression(f"prefix {raw!r}")
+    addr, length = body["addr"], body["len"]
+    if not (_is_int(addr) and 0 <= addr <= 0xFFFFFFFF and _is_int(length) and 0 <= length <= 32):
+        raise InvalidProgram(f"bad mark prefix {raw!r}")
+    host = (1 << (32 - length)) - 1
+    lo = addr & ~host
+    return lo, lo | host
 
 
 def _unwrap_elem(raw: object) -> object:
@@ -295,6 +318,8 @@ class _Selector:
 
     name: str  # as nft prints it: "iifname", "meta l4proto", "ip saddr", "th dport"
     typ: str
+    mask: int | None = None  # `ct mark & mask`: only these bits of the value are read
+    reads: str = ""  # the packet value a masked selector reads; else `name`
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,12 +410,25 @@ def _selector(raw: object) -> _Selector:
     return sel
 
 
+def _masked(raw: object) -> _Selector:
+    """``{"&": [ct mark, mask]}``: the bits of the mark under a 32-bit constant mask."""
+    operands = raw.get("&") if isinstance(raw, dict) and set(raw) == {"&"} else None
+    if not (isinstance(operands, list) and len(operands) == 2):
+        raise UnsupportedExpression(f"expression {raw!r}")
+    sel, mask = _selector(operands[0]), operands[1]
+    if sel is not _CT_MARK or not (_is_int(mask) and 0 <= mask <= 0xFFFFFFFF):
+        raise UnsupportedExpression(f"bitwise and {raw!r} (only ct mark & a 32-bit constant)")
+    return _Selector(f"{sel.name} & {mask:#010x}", sel.typ, mask, sel.name)
+
+
 def _key(raw: object) -> tuple[_Selector, ...]:
     if isinstance(raw, dict) and set(raw) == {"concat"}:
         parts = raw["concat"]
         if not isinstance(parts, list) or len(parts) < 2:
             raise UnsupportedExpression(f"concatenation {raw!r}")
         return tuple(_selector(p) for p in parts)
+    if isinstance(raw, dict) and set(raw) == {"&"}:
+        return (_masked(raw),)
     return (_selector(raw),)
 
 
@@ -779,9 +817,11 @@ class Ruleset:
 
 
 def _value(values: Mapping[str, Scalar], sel: _Selector) -> Scalar:
-    value = values.get(sel.name)
+    value = values.get(sel.reads or sel.name)
     if value is None:
         raise _NotApplicable(f"{sel.name} on an {values['meta nfproto']} packet")
+    if sel.mask is not None:
+        return int(value) & sel.mask
     return value
 
 
@@ -811,6 +851,8 @@ def _packet_values(packet: Packet) -> dict[str, Scalar]:
         raise ValueError(f"ports {packet.sport}, {packet.dport} are not 0..65535")
     if packet.ct_state not in _CT_STATES:
         raise ValueError(f"ct state {packet.ct_state!r}")
+    if not 0 <= packet.ct_mark <= 0xFFFFFFFF:
+        raise ValueError(f"ct mark {packet.ct_mark} is not a 32-bit value")
     ip = "ip" if src.version == 4 else "ip6"
     return {
         "iifname": packet.iifname,
