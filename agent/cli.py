@@ -1,4 +1,4 @@
-"""The `nftsg` command line (design.md §4).
+"""The `nftsg` command line (docs/design.md, "Command line").
 
 Each subcommand is added by a registrar: a function that adds its parser to
 the subparsers and sets `handler` (args -> exit code). Subcommands that live in

@@ -1,7 +1,7 @@
 """Programming nftables in named network namespaces through libnftables JSON.
 
 A libnftables context talks to the namespace of the thread that created it
-(lab-notes: "Python and the nftables bindings"), so each namespace gets one
+(docs/kernel-notes.md, "libnftables contexts and namespaces"), so each namespace gets one
 worker thread that enters it once, creates its own context and serves every
 request for that namespace from a queue. The root namespace is refused unless
 the backend is built with ``allow_root_namespace=True``: the agent only ever
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 NETNS_DIR = "/run/netns"
 
-# Loading ~40k rules leaves ~350 MB in glibc's free lists (lab-notes); trim
+# Loading ~40k rules leaves ~350 MB in glibc's free lists (docs/kernel-notes.md); trim
 # after batches at least this long (a one-element update is not worth it).
 _TRIM_AFTER_COMMANDS = 1000
 

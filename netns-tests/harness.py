@@ -571,7 +571,7 @@ def _udp_oneway(
         server.close()
 
 
-# -- long-lived flows (semantics.md "State") -----------------------------------------
+# -- long-lived flows (docs/semantics.md, "State") -----------------------------------------
 
 _RECORD = struct.Struct("!Qd")  # sequence number, send time
 

@@ -1,7 +1,7 @@
 """Real-traffic scenarios: pooled rules and priorities, several groups per ENI, secondary
 ENIs, 5-tuple rules, group references, intra-group policy, advanced groups, prefix lists.
 
-semantics.md sections: "Vocabulary", "A rule", "Group references", "Evaluation
+docs/semantics.md sections: "Vocabulary", "A rule", "Group references", "Evaluation
 of a new flow" (all four steps). Every test checks the kernel's ruleset, the
 traffic against the reference evaluator, and that a second sync sends nothing.
 """

@@ -1,4 +1,4 @@
-"""The reference evaluator against semantics.md, one small model per verdict family."""
+"""The reference evaluator against docs/semantics.md, one small model per verdict family."""
 
 from __future__ import annotations
 

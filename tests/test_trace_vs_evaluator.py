@@ -1,6 +1,6 @@
 """The compiled program agrees with the reference evaluator on random models and flows.
 
-For every flow, the evaluator's verdict (semantics.md, executable) must equal
+For every flow, the evaluator's verdict (docs/semantics.md, executable) must equal
 the verdict of the packet tracer walking the first packet of the flow through
 `compile_vpc`'s program, entering at the sender's router-side port and
 leaving at the receiver's. Two drivers: hypothesis (shrinks a failure to a

@@ -1,6 +1,6 @@
 """(old program, new program) -> the commands of one transaction that touches only what changed.
 
-Why this shape (lab-notes.md): element updates cost ~4 ms whatever the set
+Why this shape (docs/kernel-notes.md): element updates cost ~4 ms whatever the set
 size, while anything that adds rules to chains reachable from a verdict map
 makes the kernel re-validate every reachable jump. So membership and prefix
 list changes must stay element deltas, and only chains whose rule list

@@ -1,7 +1,7 @@
-"""The reference evaluator: semantics.md's decision procedure, executable.
+"""The reference evaluator: the decision procedure of docs/semantics.md, executable.
 
 This module is the oracle of every other test (the nft compiler's packet
-tracer, the real-namespace traffic tests), so it is written from semantics.md
+tracer, the real-namespace traffic tests), so it is written from docs/semantics.md
 alone and shares no code with the compiler. It favours being obviously right
 over being fast: every rule of every group is looked at for every flow.
 
@@ -272,7 +272,7 @@ def _first(owners: dict[str, _Owner]) -> _Owner | None:
 
 
 def evaluate(network: Network, flow: Flow, *, vpc_id: str | None = None) -> Decision:
-    """The verdict for a new flow (semantics.md, "Evaluation of a new flow").
+    """The verdict for a new flow (docs/semantics.md, "Evaluation of a new flow").
 
     `vpc_id` names the VPC router the packet is in; it is needed only when the
     flow's addresses are owned in more than one VPC (overlapping address plans).

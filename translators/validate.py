@@ -1,9 +1,9 @@
-"""Topology -> checked `Network`, with ECS error codes (semantics.md).
+"""Topology -> checked `Network`, with ECS error codes (docs/semantics.md).
 
 `build_network` either returns a complete, valid `Network` or raises one
 `EcsError` (code, message, dotted field path). It never returns anything partial.
 
-Decisions where semantics.md leaves room, written down once:
+Decisions where ECS leaves room (docs/semantics.md, "Decisions"), written down once:
 - Peer precedence is CIDR > group > prefix list, as ECS does: the losers are
   ignored and not validated either, so a CIDR rule that also names a group that
   does not exist is accepted (the group id is dropped).
