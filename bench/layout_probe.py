@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from nftsg.translators.compiler import compile_vpc  # noqa: E402
-from nftsg.translators.nft import Match, SetRef  # noqa: E402
-from test_compiler import network_of, scale_topology  # noqa: E402
+from nftsg.translators.compiler import compile_vpc
+from nftsg.translators.nft import Match, SetRef
+from test_compiler import network_of, scale_topology
 
 
 def lookups_per_chain(prog: object) -> float:
@@ -56,7 +56,8 @@ def main() -> int:
     t3 = time.perf_counter()
     rules = sum(len(c.rules) for c in prog.chains)
     print(
-        f"model {args.enis} ENIs x {args.groups} groups: build {t1 - t0:.2f}s compile {t2 - t1:.2f}s "
+        f"model {args.enis} ENIs x {args.groups} groups: build {t1 - t0:.2f}s "
+        f"compile {t2 - t1:.2f}s "
         f"render {t3 - t2:.2f}s; {len(prog.sets)} sets, {len(prog.maps)} maps, "
         f"{len(prog.chains)} chains, {rules} rules, {prog.element_count()} elements, "
         f"{len(text) / 1e6:.1f} MB; {lookups_per_chain(prog):.1f} lookups per rule chain; "

@@ -57,6 +57,7 @@ class _Diagram:
         self.nodes: list[tuple[tuple[int, int, int], ...]] = [(), ()]
         self._intern: dict[tuple[tuple[int, int, int], ...], int] = {}
         self._memo: dict[tuple[int, tuple[int, ...]], int] = {}
+        self._wanted = [r.wanted for r in self.rules]
         # Whether rule i covers the domain on the fields from depth d on.
         n_fields = len(self.order)
         self._full_from: list[list[bool]] = []
@@ -70,20 +71,26 @@ class _Diagram:
         self.root = self._build(0, tuple(range(len(self.rules))))
 
     def _build(self, depth: int, active: tuple[int, ...]) -> int:
-        # Rules after the first one covering the rest of the space never decide.
-        for k, i in enumerate(active):
-            if self._full_from[i][depth]:
-                active = active[: k + 1]
-                break
-        if not any(self.rules[i].wanted for i in active):
-            return _NO
-        first = active[0]
-        if self._full_from[first][depth]:
-            return _YES if self.rules[first].wanted else _NO
         memo_key = (depth, active)
         got = self._memo.get(memo_key)
         if got is not None:
             return got
+        out = self._memo[memo_key] = self._node(depth, active)
+        return out
+
+    def _node(self, depth: int, active: tuple[int, ...]) -> int:
+        # Rules after the first one covering the rest of the space never decide.
+        wanted = self._wanted
+        any_wanted = False
+        for k, i in enumerate(active):
+            any_wanted = any_wanted or wanted[i]
+            if self._full_from[i][depth]:
+                if k == 0:
+                    return _YES if wanted[i] else _NO
+                active = active[: k + 1]
+                break
+        if not any_wanted:
+            return _NO
         f = self.order[depth]
         dlo, dhi = self.domain[f]
         # Sweep the field: pieces between consecutive boundaries, with their active rules.
@@ -108,15 +115,13 @@ class _Diagram:
                 pieces.append((p, hi, child))
         node = tuple(piece for piece in pieces if piece[2] != _NO)
         if not node:
-            out = _NO
-        elif len(node) == 1 and node[0][:2] == (dlo, dhi) and node[0][2] == _YES:
-            out = _YES
-        else:
-            out = self._intern.get(node, -1)
-            if out < 0:
-                out = self._intern[node] = len(self.nodes)
-                self.nodes.append(node)
-        self._memo[memo_key] = out
+            return _NO
+        if len(node) == 1 and node[0][:2] == (dlo, dhi) and node[0][2] == _YES:
+            return _YES
+        out = self._intern.get(node, -1)
+        if out < 0:
+            out = self._intern[node] = len(self.nodes)
+            self.nodes.append(node)
         return out
 
     def cost(self) -> tuple[int, int]:
@@ -165,6 +170,8 @@ def flatten(
     (see `_Diagram.cost`), so the result is deterministic for given rules (their
     input order does not matter).
     """
+    if not any(r.wanted for r in rules):
+        return []
     best: _Diagram | None = None
     best_cost = (limit + 1, 0)
     for order in orders:
@@ -172,6 +179,8 @@ def flatten(
         boxes, blocks = d.cost()
         if boxes <= limit and (best is None or blocks < best_cost[1]):
             best, best_cost = d, (boxes, blocks)
+        if best is not None and best_cost[1] == best_cost[0] * len(domain):
+            break  # every field of every box is one block: no order does better
     return None if best is None else best.boxes()
 
 
@@ -189,7 +198,9 @@ def _blocks(lo: int, hi: int) -> int:
 
 def decide(rules: Sequence[Ranked], point: Sequence[int]) -> bool | None:
     """The reference: the deciding rule's `wanted` at `point`, None if no rule holds it."""
-    holding = [r for r in rules if all(s.lo <= v <= s.hi for s, v in zip(r.box, point, strict=True))]
+    holding = [
+        r for r in rules if all(s.lo <= v <= s.hi for s, v in zip(r.box, point, strict=True))
+    ]
     if not holding:
         return None
     return min(holding, key=lambda r: r.rank).wanted
