@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nftsg.translators.compiler import compile_all
+from nftsg.translators.compiler import Layout, compile_all
 from nftsg.translators.diff import diff_programs
 from nftsg.translators.errors import EcsError
 from nftsg.translators.evaluator import Flow, evaluate
@@ -28,6 +28,7 @@ from nftsg.translators.network import Network
 from nftsg.translators.nft import Program
 
 from .nft_backend import Backend, NftError
+from .settings import layout_from_env
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,10 @@ class Reconciler:
         table: str = "nftsg",
         prune_flows: FlowPruner | None = None,
         namespace_exists: Callable[[str], bool] = lambda _ns: True,
+        layout: Layout | None = None,
     ) -> None:
         self.backend = backend
+        self.layout: Layout = layout or layout_from_env()
         self.namespace_of = namespace_of
         self.table = table
         self.prune_flows = prune_flows
@@ -86,7 +89,7 @@ class Reconciler:
         """Bring every VPC router namespace to `network`. Raises NftError on the first failure
         (that namespace keeps its last good rules and will get a full sync next time)."""
         report = SyncReport()
-        programs = compile_all(network, self.table)
+        programs = compile_all(network, self.table, self.layout)
         for vpc_id, program in sorted(programs.items()):
             namespace = self.namespace_of(vpc_id)
             if not self.namespace_exists(namespace):

@@ -11,9 +11,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nftsg.translators.compiler import Layout
+
 DEFAULT_STATE_DIR = Path("/var/lib/nftsg")
 DEFAULT_PREFIX = "nftsg"
 DEFAULT_TABLE = "nftsg"
+# The agent still enforces with the v4 layout by default: the real-traffic scenario
+# harness (netns-tests/harness.py) reads v4's per-bucket sets back from the kernel.
+# NFTSG_LAYOUT=flat selects the flattened layout (docs/dataplane.md, v5).
+DEFAULT_AGENT_LAYOUT: Layout = "v4"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +50,13 @@ def settings_from_env(
         prefix=prefix or os.environ.get("NFTSG_PREFIX") or DEFAULT_PREFIX,
         table=table or os.environ.get("NFTSG_TABLE") or DEFAULT_TABLE,
     )
+
+
+def layout_from_env() -> Layout:
+    """NFTSG_LAYOUT (`flat` or `v4`), else DEFAULT_AGENT_LAYOUT."""
+    raw = os.environ.get("NFTSG_LAYOUT") or DEFAULT_AGENT_LAYOUT
+    if raw == "flat":
+        return "flat"
+    if raw == "v4":
+        return "v4"
+    raise ValueError(f"NFTSG_LAYOUT={raw!r}: expected 'flat' or 'v4'")
