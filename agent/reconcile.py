@@ -35,7 +35,12 @@ from nftsg.translators.canonical import (
     canonical_program,
     describe_differences,
 )
-from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT, check_ct_mark_bit, compile_vpc
+from nftsg.translators.compiler import (
+    DEFAULT_CT_MARK_BIT,
+    Layout,
+    check_ct_mark_bit,
+    compile_vpc,
+)
 from nftsg.translators.diff import diff_programs
 from nftsg.translators.errors import EcsError
 from nftsg.translators.evaluator import Flow, evaluate
@@ -43,6 +48,7 @@ from nftsg.translators.network import Network
 from nftsg.translators.nft import Program
 
 from .nft_backend import Backend
+from .settings import layout_from_env
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +109,27 @@ class Reconciler:
         table: str = "nftsg",
         prune_flows: FlowJudge | None = None,
         namespace_exists: Callable[[str], bool] = lambda _ns: True,
-        compile_program: Compile = compile_vpc,
+        compile_program: Compile | None = None,
         ct_mark_bit: int = DEFAULT_CT_MARK_BIT,
+        layout: Layout | None = None,
     ) -> None:
         self.backend = backend
+        self.layout: Layout = layout or layout_from_env()
         self.namespace_of = namespace_of
         self.table = table
         self.ct_mark_bit = check_ct_mark_bit(ct_mark_bit)
         self.prune_flows = prune_flows
         self.namespace_exists = namespace_exists
-        self.compile_program = compile_program
+        self.compile_program: Compile = compile_program or self._compile
         self.applied: dict[str, Program] = {}
         # The canonical form of the program last applied to each namespace,
         # computed once per program (verify runs every few seconds).
         self._canonical: dict[str, tuple[Program, Canonical]] = {}
         # What the last verify found different, per drifted namespace (for logs and tests).
         self.last_differences: dict[str, list[str]] = {}
+
+    def _compile(self, network: Network, vpc_id: str, table: str, ct_mark_bit: int) -> Program:
+        return compile_vpc(network, vpc_id, table, ct_mark_bit, layout=self.layout)
 
     def forget(self, namespace: str | None = None) -> None:
         """Drop what we believe the kernel holds, so the next sync is a full one."""

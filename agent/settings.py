@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT, check_ct_mark_bit
+from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT, Layout, check_ct_mark_bit
 
 DEFAULT_STATE_DIR = Path("/var/lib/nftsg")
 DEFAULT_PREFIX = "nftsg"
@@ -21,6 +21,11 @@ CT_MARK_BIT_ENV = "NFTSG_CT_MARK_BIT"
 
 class SettingsError(ValueError):
     """A setting from the environment that cannot be used."""
+
+# The agent still enforces with the v4 layout by default: the real-traffic scenario
+# harness (netns-tests/harness.py) reads v4's per-bucket sets back from the kernel.
+# NFTSG_LAYOUT=flat selects the flattened layout (docs/dataplane.md, v5).
+DEFAULT_AGENT_LAYOUT: Layout = "v4"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,3 +73,13 @@ def parse_ct_mark_bit(text: str | None) -> int:
             f"{CT_MARK_BIT_ENV}={text!r}: must be exactly one bit of the 32-bit conntrack "
             f"mark, such as {DEFAULT_CT_MARK_BIT:#x}"
         ) from None
+
+
+def layout_from_env() -> Layout:
+    """NFTSG_LAYOUT (`flat` or `v4`), else DEFAULT_AGENT_LAYOUT."""
+    raw = os.environ.get("NFTSG_LAYOUT") or DEFAULT_AGENT_LAYOUT
+    if raw == "flat":
+        return "flat"
+    if raw == "v4":
+        return "v4"
+    raise SettingsError(f"NFTSG_LAYOUT={raw!r}: expected 'flat' or 'v4'")

@@ -22,9 +22,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from nftsg.translators.compiler import compile_vpc
+from nftsg.translators.compiler import compile_vpc, profile_id
 from nftsg.translators.diff import diff_programs
 from nftsg.translators.nft import envelope
+from nftsg.translators.tracer import Ruleset
 from nftsg.translators.validate import load_network
 from test_compiler import DEMO, GOLDEN_MODELS, scale_topology
 from test_diff import EDITS, demo_programs
@@ -135,6 +136,12 @@ def test_golden_programs_list_back_for_every_protocol(netns: Netns, model: str) 
         assert set(table["set"]) == {s.name for s in prog.sets}
         for chain in prog.chains:
             assert len(table["rule"].get(chain.name, [])) == len(chain.rules), chain.name
+        # By content: every set lists back with exactly the elements compiled (flat
+        # sets hold non-CIDR address ranges, which nft lists as ranges, blocks as
+        # prefixes), read by the tracer from both forms.
+        ours, kernel = Ruleset(prog.to_json()), Ruleset(raw)
+        for s in prog.sets:
+            assert sorted(kernel.sets[s.name].elements) == sorted(ours.sets[s.name].elements)
         # Chains before the maps that jump to them, rules last.
         order = ["table", "chain", "set", "map", "rule"]
         listing = sorted(
@@ -207,34 +214,43 @@ def test_scale_program_passes_the_kernel(netns: Netns) -> None:
         f"scale: join -> {len(diff)} commands (validate+compile+diff {t1 - t0:.2f}s), "
         f"applied in {t2 - t1:.2f}s"
     )
-    # Only the joining ENI's own chains change structurally; everything else (the
-    # sets of groups referencing the joined group, intra sets, other ENIs) is elements.
-    own = tuple(f"{p}{'eni-' + inst['instance_id'][2:]}" for p in ("in_", "out_", "intra_"))
+    # Only the joining ENI's group lists change structurally (the new list's chains and
+    # flat sets appear if no other ENI has it, the old one's go if none keeps it) and
+    # its own intra chain; everything else (the flat sets of group lists referencing
+    # the joined group, intra sets, dispatch maps) is elements.
+    eni_id = "eni-" + inst["instance_id"][2:]
+    old_pid = profile_id(net.enis[eni_id].group_ids)
+    new_pid = profile_id(inst["security_group_ids"])
+    names = [f"{p}{pid}" for p in ("in_", "out_", "f_") for pid in (old_pid, new_pid)]
+    own = (*names, f"intra_{eni_id}")
     for c in diff:
         ((_verb, body),) = c.items()
         ((kind, obj),) = body.items()
         if kind != "element":
             assert (obj.get("name") or obj.get("chain", "")).startswith(own), c
 
-    # One rule edited (its port), inside buckets that exist: element commands only. The
-    # rule is one of a bucket without an ALL rule, which would contain the edited element.
-    def bucket(p: dict[str, Any]) -> tuple[Any, ...]:
-        return (p["direction"], p["priority"], p.get("policy", "accept"))
-
-    group, perm = next(
+    # One rule edited (its port): element commands only. The rule is one whose edit
+    # changes some verdict (a rule shadowed by a wider one changes nothing in the flat
+    # layout), of a group some ENI is in.
+    candidates = (
         (g, p)
         for g in topo["security_groups"]
         if g["security_group_type"] == "normal"
+        and any(g["security_group_id"] in i["security_group_ids"] for i in topo["instances"])
         for p in g["permissions"]
-        if p["ip_protocol"] == "TCP"
-        and "source_cidr_ip" in p
-        and not any(o["ip_protocol"] == "ALL" and bucket(o) == bucket(p) for o in g["permissions"])
+        if p["ip_protocol"] == "TCP" and p["direction"] == "ingress"
     )
-    perm["port_range"] = "4444/4444"
-    t0 = time.perf_counter()
-    newer = compile_vpc(load_network(json.dumps(topo)), "vpc-scale")
-    rule_diff = diff_programs(new, newer)
-    t1 = time.perf_counter()
+    for _ in range(30):
+        group, perm = next(candidates)
+        was = perm["port_range"]
+        perm["port_range"] = "60000/60000"
+        t0 = time.perf_counter()
+        newer = compile_vpc(load_network(json.dumps(topo)), "vpc-scale")
+        rule_diff = diff_programs(new, newer)
+        t1 = time.perf_counter()
+        if rule_diff:
+            break
+        perm["port_range"] = was
     netns.nft(batch=rule_diff)
     t2 = time.perf_counter()
     kinds = {kind for c in rule_diff for body in c.values() for kind in body}
@@ -243,8 +259,12 @@ def test_scale_program_passes_the_kernel(netns: Netns) -> None:
         f"(validate+compile+diff {t1 - t0:.2f}s), applied in {t2 - t1:.3f}s"
     )
     assert kinds == {"element"}
-    # ... of the edited group's own sets only, whatever its membership.
+    # ... of the flat sets of the group lists holding the edited group only.
     gid = group["security_group_id"]
-    assert {body["element"]["name"] for c in rule_diff for body in c.values()} <= {
-        s.name for s in newer.sets if s.name.startswith(f"g_{gid}_")
+    holders = {
+        profile_id(e.group_ids) for e in load_network(json.dumps(topo)).enis.values()
+        if gid in e.group_ids
     }
+    assert {body["element"]["name"].split("_")[1] for c in rule_diff for body in c.values()} <= (
+        holders
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from nftsg.translators.compiler import compile_vpc
+from nftsg.translators.compiler import DEFAULT_LAYOUT, Layout, compile_vpc, profile_id
 from nftsg.translators.diff import diff_programs
 from nftsg.translators.network import Network
 from nftsg.translators.nft import Program
@@ -137,9 +137,11 @@ def edited(edit: Callable[[Topo], None]) -> Network:
     return load_network(json.dumps(topo))
 
 
-def demo_programs(edit: Callable[[Topo], None]) -> tuple[Program, Program]:
-    old = compile_vpc(load_network(DEMO.read_text()), "vpc-demo")
-    return old, compile_vpc(edited(edit), "vpc-demo")
+def demo_programs(
+    edit: Callable[[Topo], None], layout: Layout = DEFAULT_LAYOUT
+) -> tuple[Program, Program]:
+    old = compile_vpc(load_network(DEMO.read_text()), "vpc-demo", layout=layout)
+    return old, compile_vpc(edited(edit), "vpc-demo", layout=layout)
 
 
 # --------------------------------------------------------------------------- fake kernel
@@ -305,10 +307,14 @@ def test_same_program_means_no_command() -> None:
     assert diff_programs(old, again) == []
 
 
+@pytest.mark.parametrize("layout", ["flat", "v4"])
 @pytest.mark.parametrize("name", sorted(EDITS))
-def test_diff_applied_equals_full_sync(name: str) -> None:
-    old, new = demo_programs(EDITS[name])
+def test_diff_applied_equals_full_sync(name: str, layout: Layout) -> None:
+    old, new = demo_programs(EDITS[name], layout)
     diff = diff_programs(old, new)
+    if old == new:  # flat layout: an edit that changes no verdict (a shadowed rule)
+        assert diff == []
+        return
     assert diff and diff != new.full_sync_commands()
     assert "table" not in {k for _, k, _ in _touched(diff)}
     patched, fresh = FakeTable(), FakeTable()
@@ -351,10 +357,10 @@ REFERENCED_BY = {
 }
 
 
-def test_membership_change_is_element_only_but_for_the_joining_enis_own_objects() -> None:
+def test_v4_membership_change_is_element_only_but_for_the_joining_enis_own_objects() -> None:
     # i-app1 (IPv4 and IPv6) joins sg-bastion (basic, Accept), which sg-web, sg-app and
     # sg-db reference.
-    old, new = demo_programs(join_group)
+    old, new = demo_programs(join_group, layout="v4")
     diff = diff_programs(old, new)
     touched = _touched(diff)
     own = ("intra_eni-app1", "in_eni-app1", "out_eni-app1")
@@ -375,9 +381,9 @@ def test_membership_change_is_element_only_but_for_the_joining_enis_own_objects(
     assert not any(k == "set" for _, k, _ in touched)
 
 
-def test_leaving_a_referenced_group_deletes_only_elements_of_the_referencing_groups() -> None:
+def test_v4_leaving_a_referenced_group_deletes_only_elements_of_the_referencing_groups() -> None:
     # i-web2 moves from sg-web (referenced by sg-app) to sg-app.
-    old, new = demo_programs(leave_group)
+    old, new = demo_programs(leave_group, layout="v4")
     diff = diff_programs(old, new)
     touched = _touched(diff)
     own = ("intra_eni-web2", "in_eni-web2", "out_eni-web2")
@@ -396,10 +402,10 @@ def test_leaving_a_referenced_group_deletes_only_elements_of_the_referencing_gro
     )
 
 
-def test_membership_change_of_an_unreferenced_group_is_element_only() -> None:
+def test_v4_membership_change_of_an_unreferenced_group_is_element_only() -> None:
     # A new member of sg-db (Drop, referenced by nobody): its own chains appear (sg-db's
     # sets exist already); nothing of another ENI or group changes.
-    old, new = demo_programs(_add_db_eni)
+    old, new = demo_programs(_add_db_eni, layout="v4")
     touched = _touched(diff_programs(old, new))
     structural = {(v, k, n) for v, k, n in touched if k != "element"}
     assert {(v, k) for v, k, n in structural} == {("add", "chain"), ("add", "rule")}
@@ -411,7 +417,7 @@ def test_membership_change_of_an_unreferenced_group_is_element_only() -> None:
         "ingress_dispatch",
     }
     # An ENI of sg-db leaving the VPC: its chains go, and the port elements.
-    old, new = demo_programs(remove_eni)
+    old, new = demo_programs(remove_eni, layout="v4")
     touched = _touched(diff_programs(old, new))
     assert {n for _, k, n in touched if k != "element"} == {"in_eni-db1", "out_eni-db1"}
     assert not any(n.startswith("g_") for _, _, n in touched)
@@ -431,9 +437,9 @@ def _add_db_eni(t: Topo) -> None:
     )
 
 
-def test_joining_a_referenced_group_adds_elements_to_the_referencing_groups_sets() -> None:
+def test_v4_joining_a_referenced_group_adds_elements_to_the_referencing_groups_sets() -> None:
     # A new web ENI (IPv4 only): sg-app's references to sg-web gain its address.
-    old, new = demo_programs(add_eni)
+    old, new = demo_programs(add_eni, layout="v4")
     touched = _touched(diff_programs(old, new))
     others = {(v, k, n) for v, k, n in touched if not n.startswith(("in_eni-web3", "out_eni-web3"))}
     others.discard(("add", "chain", "intra_eni-web3"))
@@ -458,8 +464,8 @@ def test_joining_a_referenced_group_adds_elements_to_the_referencing_groups_sets
     assert len(cmd["add"]["element"]["elem"]) == 2
 
 
-def test_prefix_list_change_is_element_only_in_the_sets_of_groups_using_it() -> None:
-    old, new = demo_programs(prefix_list_entry)
+def test_v4_prefix_list_change_is_element_only_in_the_sets_of_groups_using_it() -> None:
+    old, new = demo_programs(prefix_list_entry, layout="v4")
     touched = _touched(diff_programs(old, new))
     assert {(kind, name) for _, kind, name in touched} == {
         ("element", "g_sg-web_in_p50_a_v4_0"),
@@ -470,10 +476,10 @@ def test_prefix_list_change_is_element_only_in_the_sets_of_groups_using_it() -> 
 @pytest.mark.parametrize(
     "edit", [add_rule_in_bucket, remove_rule_in_bucket, move_rule_between_buckets]
 )
-def test_rule_change_within_existing_buckets_is_element_only(
+def test_v4_rule_change_within_existing_buckets_is_element_only(
     edit: Callable[[Topo], None],
 ) -> None:
-    old, new = demo_programs(edit)
+    old, new = demo_programs(edit, layout="v4")
     diff = diff_programs(old, new)
     touched = _touched(diff)
     assert touched and {kind for _, kind, _ in touched} == {"element"}, touched
@@ -493,8 +499,8 @@ def _many_web_members(t: Topo) -> None:
         )
 
 
-def test_rule_change_costs_the_same_however_many_members_the_group_has() -> None:
-    small = diff_programs(*demo_programs(add_rule_in_bucket))
+def test_v4_rule_change_costs_the_same_however_many_members_the_group_has() -> None:
+    small = diff_programs(*demo_programs(add_rule_in_bucket, layout="v4"))
 
     def big_then(edit: Callable[[Topo], None]) -> Callable[[Topo], None]:
         def both(t: Topo) -> None:
@@ -503,15 +509,16 @@ def test_rule_change_costs_the_same_however_many_members_the_group_has() -> None
 
         return both
 
-    base = compile_vpc(edited(_many_web_members), "vpc-demo")
-    big = diff_programs(base, compile_vpc(edited(big_then(add_rule_in_bucket)), "vpc-demo"))
+    base = compile_vpc(edited(_many_web_members), "vpc-demo", layout="v4")
+    bigger = compile_vpc(edited(big_then(add_rule_in_bucket)), "vpc-demo", layout="v4")
+    big = diff_programs(base, bigger)
     assert big == small
     assert len(big) == 1
 
 
-def test_rule_change_making_a_new_bucket_adds_a_set_and_rewrites_the_members_chains() -> None:
+def test_v4_rule_change_making_a_new_bucket_adds_a_set_and_rewrites_the_members_chains() -> None:
     for edit in (add_rule, change_priority):
-        old, new = demo_programs(edit)
+        old, new = demo_programs(edit, layout="v4")
         touched = _touched(diff_programs(old, new))
         structural = {(v, k, n) for v, k, n in touched if k not in ("element", "rule")}
         assert {n for v, k, n in structural if k == "chain"} == {"in_eni-web1", "in_eni-web2"}
@@ -533,3 +540,77 @@ def test_changed_definition_falls_back_to_full_sync() -> None:
     old, _ = demo_programs(add_rule)
     renamed = compile_vpc(load_network(DEMO.read_text()), "vpc-demo", table="other")
     assert diff_programs(old, renamed) == renamed.full_sync_commands()
+
+
+# --------------------------------------------------------------------------- flat layout (v5)
+
+
+def _profiles(net: Network) -> set[str]:
+    return {profile_id(e.group_ids) for e in net.enis_in_vpc("vpc-demo")}
+
+
+def _holders(net: Network, gid: str) -> set[str]:
+    return {profile_id(e.group_ids) for e in net.enis_in_vpc("vpc-demo") if gid in e.group_ids}
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [add_rule, add_rule_in_bucket, remove_rule_in_bucket, move_rule_between_buckets,
+     change_priority],
+)
+def test_flat_rule_change_is_element_only_in_the_sets_of_group_lists_with_the_group(
+    edit: Callable[[Topo], None],
+) -> None:
+    # Even a rule at a new priority: the flat layout has no per-bucket object.
+    old, new = demo_programs(edit)
+    touched = _touched(diff_programs(old, new))
+    assert touched or old == new  # an edit that changes no verdict changes nothing
+    assert {k for _, k, _ in touched} <= {"element"}
+    net = load_network(DEMO.read_text())
+    assert {n.split("_")[1] for _, _, n in touched} <= _holders(net, "sg-web")
+
+
+def test_flat_rule_change_costs_the_same_however_many_members_the_group_has() -> None:
+    small = diff_programs(*demo_programs(add_rule_in_bucket))
+    base = compile_vpc(edited(_many_web_members), "vpc-demo")
+
+    def both(t: Topo) -> None:
+        _many_web_members(t)
+        add_rule_in_bucket(t)
+
+    big = diff_programs(base, compile_vpc(edited(both), "vpc-demo"))
+    assert big == small
+    assert 1 <= len(big) <= 2
+
+
+@pytest.mark.parametrize("edit", [join_group, leave_group, add_eni, remove_eni, _add_db_eni])
+def test_flat_membership_change_flushes_no_chain_and_adds_only_new_group_lists(
+    edit: Callable[[Topo], None],
+) -> None:
+    old, new = demo_programs(edit)
+    before, after = _profiles(load_network(DEMO.read_text())), _profiles(edited(edit))
+    touched = _touched(diff_programs(old, new))
+    deleted = {n for v, _, n in touched if v == "delete"}
+    flushed = {n for v, _, n in touched if v == "flush"}
+    assert all(n in deleted or n.startswith("intra_") for n in flushed), touched
+    structural = {(v, k, n) for v, k, n in touched if k in ("chain", "set", "map")}
+    born, gone = after - before, before - after
+    for verb, _kind, name in structural:
+        if name.startswith("intra_") or (verb == "flush" and name in deleted):
+            continue  # the ENI's own intra chain (dataplane.md)
+        pid = name.split("_")[1]
+        assert (verb == "add" and pid in born) or (verb == "delete" and pid in gone), name
+    # Rules are written only into chains created by this very transaction.
+    added_chains = {n for v, k, n in touched if (v, k) == ("add", "chain")}
+    assert {n for _, k, n in touched if k == "rule"} <= added_chains
+
+
+def test_flat_enis_with_the_same_groups_share_chains_and_sets() -> None:
+    net = edited(_many_web_members)
+    prog = compile_vpc(net, "vpc-demo")
+    eg = dict(prog.map_by_name["egress_dispatch"].elements)
+    web = [e for e in net.enis_in_vpc("vpc-demo") if list(e.group_ids) == ["sg-web"]]
+    assert len(web) > 100
+    assert len({eg[(e.ifname,)].target for e in web}) == 1
+    rule_chains = [c for c in prog.chains if c.name.startswith(("in_", "out_"))]
+    assert len(rule_chains) == 2 * len(_profiles(net))

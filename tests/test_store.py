@@ -167,8 +167,9 @@ def test_sigkill_at_random_points_leaves_old_or_new_state(tmp_path: Path) -> Non
         assert state.revision >= last_revision  # never goes back
         applied = state.applied.get("nt-vpc")
         if applied is not None:
-            # Recorded after the save: the same revision or the one before.
-            assert state.revision - 1 <= applied.revision <= state.revision
+            # Recorded after the save, never ahead of it (a kill between a save
+            # and its record, in two runs in a row, leaves it two behind).
+            assert applied.revision <= state.revision
             assert applied.digest == digest({"program": applied.revision - 1})
         last_revision = state.revision
     assert last_revision > 12  # the writers did make progress

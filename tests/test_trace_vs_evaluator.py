@@ -18,7 +18,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nftsg.translators.compiler import compile_vpc
+from nftsg.translators import compiler
+from nftsg.translators.compiler import Layout, compile_vpc
 from nftsg.translators.evaluator import Flow, evaluate
 from nftsg.translators.network import IPAddress, Network
 from nftsg.translators.tracer import CtState, Packet, Ruleset, Trace, packet_ports
@@ -58,8 +59,8 @@ def packet_of(network: Network, flow: Flow, ct_state: CtState = "new") -> Packet
     )
 
 
-def ruleset_of(network: Network) -> Ruleset:
-    return Ruleset(compile_vpc(network, VPC_ID).to_json())
+def ruleset_of(network: Network, layout: Layout = compiler.DEFAULT_LAYOUT) -> Ruleset:
+    return Ruleset(compile_vpc(network, VPC_ID, layout=layout).to_json())
 
 
 def disagreement(label: str, model: dict[str, Any], flow: Flow, decision: Any, trace: Trace) -> str:
@@ -72,8 +73,14 @@ def disagreement(label: str, model: dict[str, Any], flow: Flow, decision: Any, t
     )
 
 
-def check_agreement(label: str, model: dict[str, Any], network: Network, fl: list[Flow]) -> None:
-    ruleset = ruleset_of(network)
+def check_agreement(
+    label: str,
+    model: dict[str, Any],
+    network: Network,
+    fl: list[Flow],
+    layout: Layout = compiler.DEFAULT_LAYOUT,
+) -> None:
+    ruleset = ruleset_of(network, layout)
     for flow in fl:
         decision = evaluate(network, flow)
         trace = ruleset.trace(packet_of(network, flow))
@@ -85,6 +92,29 @@ def test_seeded_models_agree(seed: int) -> None:
     model = random_model(seed)
     network = network_of(model)
     check_agreement(f"seed {seed}", model, network, random_flows(network, seed, FLOWS_PER_MODEL))
+
+
+@pytest.mark.parametrize("seed", SEEDS[::4])
+def test_seeded_models_agree_in_the_v4_layout(seed: int) -> None:
+    model = random_model(seed)
+    network = network_of(model)
+    fl = random_flows(network, seed, FLOWS_PER_MODEL)
+    check_agreement(f"seed {seed}, v4", model, network, fl, "v4")
+
+
+@pytest.mark.parametrize("seed", SEEDS[::4])
+def test_seeded_models_agree_when_every_side_falls_back_to_bucket_sets(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compiler, "FLAT_LIMIT_MIN", 0)
+    monkeypatch.setattr(compiler, "FLAT_LIMIT_PER_ELEMENT", 0)
+    model = random_model(seed)
+    network = network_of(model)
+    prog = compile_vpc(network, VPC_ID)
+    # Only sides with no wanted region at all stay flat (an empty set).
+    assert all(not s.elements for s in prog.sets if s.name.startswith("f_"))
+    fl = random_flows(network, seed, FLOWS_PER_MODEL)
+    check_agreement(f"seed {seed}, fallback", model, network, fl)
 
 
 @DIFFERENTIAL

@@ -15,9 +15,11 @@ the peer CIDR, not all pairs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NamedTuple
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Literal, NamedTuple
 
+from .flatten import Ranked, flatten
 from .network import (
     PROTOCOL_NUMBERS,
     CidrPeer,
@@ -58,6 +60,17 @@ from .nft import (
 )
 
 DEFAULT_TABLE = "nftsg"
+# "flat" (v5, docs/dataplane.md): one flattened set per (group list, direction,
+# family). "v4": per-group bucket sets, kept to measure against.
+Layout = Literal["flat", "v4"]
+DEFAULT_LAYOUT: Layout = "flat"
+# Field orders the flattening tries (proto always first: a box with restricted
+# ports then always has a single ported protocol); the one with fewer boxes wins.
+FLAT_ORDERS = ((0, 1, 2, 3, 4), (0, 2, 1, 3, 4))
+# Beyond this many boxes per side, a side falls back to per-bucket sets (the
+# flattening's worst case is a product of the fields' pieces).
+FLAT_LIMIT_MIN = 4096
+FLAT_LIMIT_PER_ELEMENT = 8
 FAMILIES = ("ipv4", "ipv6")
 _BITS = {"ipv4": 32, "ipv6": 128}
 _SHORT = {"ipv4": "v4", "ipv6": "v6"}
@@ -179,12 +192,44 @@ def group_set_name(group_id: str, direction: str, bkey: BucketKey, part: int) ->
     return f"g_{group_id}_{_DIR_SHORT[direction]}_p{prio}_{policy[0]}_{_SHORT[fam]}_{part}"
 
 
+def profile_id(group_ids: Iterable[str]) -> str:
+    """The name of an ENI's group list: ENIs with the same groups (in any order)
+    share their rule chains and flattened sets. A hash, because ten 64-character
+    ids do not fit in an object name; stable, so one ENI's change renames nothing."""
+    key = ",".join(sorted(set(group_ids)))
+    return "p" + hashlib.blake2s(key.encode(), digest_size=6).hexdigest()
+
+
+def flat_set_name(pid: str, direction: str, fam: str) -> str:
+    """`f_<profile>_<in|out>_<v4|v6>`."""
+    return f"f_{pid}_{_DIR_SHORT[direction]}_{_SHORT[fam]}"
+
+
+def bucket_set_name(pid: str, direction: str, bkey: BucketKey, part: int) -> str:
+    """`b_<profile>_<in|out>_p<prio>_<a|d>_<v4|v6>_<part>` (fallback of one side)."""
+    prio, policy, fam = bkey
+    return f"b_{pid}_{_DIR_SHORT[direction]}_p{prio}_{policy[0]}_{_SHORT[fam]}_{part}"
+
+
+_VERDICT_OF = {"accept": RETURN, "drop": DROP}
+
+
 class _Compiler:
-    def __init__(self, network: Network, vpc_id: str, table: str, ct_mark_bit: int) -> None:
+    def __init__(
+        self,
+        network: Network,
+        vpc_id: str,
+        table: str,
+        ct_mark_bit: int,
+        layout: Layout = DEFAULT_LAYOUT,
+    ) -> None:
         self.net = network
         self.vpc_id = vpc_id
         self.table = table
         self.ct_mark_bit = ct_mark_bit
+        self.layout = layout
+        # group id -> direction -> bucket -> its rules' elements (not split)
+        self._group_keys: dict[str, dict[str, dict[BucketKey, frozenset[RuleKey]]]] = {}
         self.enis: list[Eni] = sorted(
             (e for e in network.enis.values() if e.vpc_id == vpc_id), key=lambda e: e.eni_id
         )
@@ -269,16 +314,25 @@ class _Compiler:
         local = ALL_ADDRS[fam] if rule.local is None else self.net_span(rule.local)
         return [(proto, peer, dport, sport, local) for peer in self.peer_spans(rule, fam)]
 
-    def group_parts(self, group: SecurityGroup) -> dict[str, dict[BucketKey, Parts]]:
+    def group_keys(self, group: SecurityGroup) -> dict[str, dict[BucketKey, frozenset[RuleKey]]]:
         """Per direction, the group's buckets (every one a rule of it can reach, even
-        while its expansion is empty) and their parts."""
-        got = self._group_parts.get(group.group_id)
+        while its expansion is empty) and their elements."""
+        got = self._group_keys.get(group.group_id)
         if got is None:
             keys: dict[str, dict[BucketKey, set[RuleKey]]] = {d: {} for d in _DIRECTIONS}
             for rule in group.rules:
                 for fam in self.rule_families(rule):
                     bkey = BucketKey(rule.priority, rule.policy, fam)
                     keys[rule.direction].setdefault(bkey, set()).update(self.rule_keys(rule, fam))
+            got = {d: {b: frozenset(ks) for b, ks in keys[d].items()} for d in _DIRECTIONS}
+            self._group_keys[group.group_id] = got
+        return got
+
+    def group_parts(self, group: SecurityGroup) -> dict[str, dict[BucketKey, Parts]]:
+        """Per direction, the group's buckets and their parts (layout v4)."""
+        got = self._group_parts.get(group.group_id)
+        if got is None:
+            keys = self.group_keys(group)
             got = {
                 d: {
                     bkey: tuple(tuple(sorted(p)) for p in split_parts(ks)) or ((),)
@@ -353,6 +407,80 @@ class _Compiler:
         rules.append(NftRule((default,), safe_comment(f"default {direction} {kind} {eni.eni_id}")))
         return NftChain(name, tuple(rules))
 
+    # ----------------------------------------------------------------- flat layout
+
+    def profile_side(
+        self, pid: str, groups: Sequence[SecurityGroup], direction: str, fam: str, want: str
+    ) -> tuple[list[NftSet], list[NftRule]]:
+        """One family of one side of a group list: the flattened set of the region
+        where the verdict is `want` (the non-default one), looked up once; or, if
+        flattening would blow up, per-bucket sets of the pooled rules (v4's order)."""
+        pooled: dict[BucketKey, set[RuleKey]] = {}
+        for g in groups:
+            for bkey, keys in self.group_keys(g)[direction].items():
+                if bkey.family == fam:
+                    pooled.setdefault(bkey, set()).update(keys)
+        ranked = [
+            Ranked(k, (b.priority, _POLICY_RANK[b.policy]), b.policy == want)
+            for b, ks in pooled.items()
+            for k in ks
+        ]
+        domain = (ALL_PROTOS, ALL_ADDRS[fam], ALL_PORTS, ALL_PORTS, ALL_ADDRS[fam])
+        limit = max(FLAT_LIMIT_MIN, FLAT_LIMIT_PER_ELEMENT * len(ranked))
+        boxes = flatten(ranked, domain, FLAT_ORDERS, limit)
+        nfproto = _NFPROTO[fam]
+        lookup = self._lookups[(direction, fam)]
+        if boxes is not None:
+            name = flat_set_name(pid, direction, fam)
+            rule = NftRule(
+                (nfproto, Match(lookup, SetRef(name)), _VERDICT_OF[want]),
+                safe_comment(f"{want} {fam} flat"),
+            )
+            return [NftSet(name, RULE_SET_TYPE[fam], tuple(boxes), INTERVAL)], [rule]
+        sets: list[NftSet] = []
+        rules: list[NftRule] = []
+        for bkey in sorted(pooled, key=_bucket_order):
+            parts = [tuple(sorted(p)) for p in split_parts(pooled[bkey])] or [()]
+            for k, part in enumerate(parts):
+                name = bucket_set_name(pid, direction, bkey, k)
+                sets.append(NftSet(name, RULE_SET_TYPE[fam], part, INTERVAL))
+                rules.append(
+                    NftRule(
+                        (nfproto, Match(lookup, SetRef(name)), _VERDICT_OF[bkey.policy]),
+                        safe_comment(f"p{bkey.priority} {bkey.policy} {fam} part {k}"),
+                    )
+                )
+        return sets, rules
+
+    def profile_chain(
+        self, pid: str, groups: Sequence[SecurityGroup], direction: str
+    ) -> tuple[NftChain, list[NftSet]]:
+        """`out_<profile>` / `in_<profile>`: per family one lookup, then the default."""
+        advanced = any(not g.is_basic for g in groups)
+        default_drop = direction == "ingress" or advanced
+        want = "accept" if default_drop else "drop"
+        rules: list[NftRule] = []
+        sets: list[NftSet] = []
+        for fam in FAMILIES:
+            side_sets, side_rules = self.profile_side(pid, groups, direction, fam, want)
+            sets.extend(side_sets)
+            rules.extend(side_rules)
+        kind = "advanced" if advanced else "basic"
+        default = DROP if default_drop else RETURN
+        rules.append(NftRule((default,), safe_comment(f"default {direction} {kind}")))
+        return NftChain(f"{_DIR_SHORT[direction]}_{pid}", tuple(rules)), sets
+
+    def profiles(self) -> dict[str, list[SecurityGroup]]:
+        """Profile id -> its groups (sorted), for every group list of an ENI of the VPC."""
+        out: dict[str, list[SecurityGroup]] = {}
+        for eni in self.enis:
+            pid = profile_id(eni.group_ids)
+            if pid not in out:
+                out[pid] = sorted(
+                    (self.net.groups[g] for g in set(eni.group_ids)), key=lambda g: g.group_id
+                )
+        return out
+
     # ----------------------------------------------------------------- program
 
     def program(self) -> Program:
@@ -373,8 +501,15 @@ class _Compiler:
             sets.append(
                 make_set(f"port_addrs_{_SHORT[fam]}", ("ifname", _ADDR_TYPE[fam]), port_addrs[fam])
             )
-        for g in self.groups:
-            sets.extend(self.group_sets(g))
+        if self.layout == "v4":
+            for g in self.groups:
+                sets.extend(self.group_sets(g))
+        else:
+            for pid, groups in sorted(self.profiles().items()):
+                for direction in _DIRECTIONS:
+                    chain, chain_sets = self.profile_chain(pid, groups, direction)
+                    chains.append(chain)
+                    sets.extend(chain_sets)
 
         # Intra-group shortcut: one port set per basic Accept group of the VPC
         # (kept while empty, so joining it only adds an element).
@@ -411,10 +546,15 @@ class _Compiler:
                     )
                 )
                 intra[(eni.ifname,)] = jump(f"intra_{eni.eni_id}")
-            chains.append(self.rule_chain(eni, "egress"))
-            chains.append(self.rule_chain(eni, "ingress"))
-            egress[(eni.ifname,)] = jump(f"out_{eni.eni_id}")
-            ingress[(eni.ifname,)] = jump(f"in_{eni.eni_id}")
+            if self.layout == "v4":
+                chains.append(self.rule_chain(eni, "egress"))
+                chains.append(self.rule_chain(eni, "ingress"))
+                egress[(eni.ifname,)] = jump(f"out_{eni.eni_id}")
+                ingress[(eni.ifname,)] = jump(f"in_{eni.eni_id}")
+            else:
+                pid = profile_id(eni.group_ids)
+                egress[(eni.ifname,)] = jump(f"out_{pid}")
+                ingress[(eni.ifname,)] = jump(f"in_{pid}")
         maps = [
             make_map("intra_dispatch", IFNAME, intra),
             make_map("egress_dispatch", IFNAME, egress),
@@ -507,20 +647,28 @@ def compile_vpc(
     vpc_id: str,
     table: str = DEFAULT_TABLE,
     ct_mark_bit: int = DEFAULT_CT_MARK_BIT,
+    *,
+    layout: Layout = DEFAULT_LAYOUT,
 ) -> Program:
     """The program of the VPC router of `vpc_id`; `ct_mark_bit` as in `forward_chain`."""
     if vpc_id not in network.vpcs:
         raise KeyError(f"unknown VPC {vpc_id!r}")
+    if layout not in ("flat", "v4"):
+        raise ValueError(f"unknown layout {layout!r}")
     check_ct_mark_bit(ct_mark_bit)
     with cyclic_gc_paused():
-        return _Compiler(network, vpc_id, table, ct_mark_bit).program()
+        return _Compiler(network, vpc_id, table, ct_mark_bit, layout).program()
 
 
 def compile_all(
-    network: Network, table: str = DEFAULT_TABLE, ct_mark_bit: int = DEFAULT_CT_MARK_BIT
+    network: Network,
+    table: str = DEFAULT_TABLE,
+    ct_mark_bit: int = DEFAULT_CT_MARK_BIT,
+    *,
+    layout: Layout = DEFAULT_LAYOUT,
 ) -> dict[str, Program]:
     """One program per VPC, keyed (and ordered) by VPC id."""
     return {
-        vpc_id: compile_vpc(network, vpc_id, table, ct_mark_bit)
+        vpc_id: compile_vpc(network, vpc_id, table, ct_mark_bit, layout=layout)
         for vpc_id in sorted(network.vpcs)
     }

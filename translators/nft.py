@@ -36,7 +36,8 @@ class Span(NamedTuple):
     """An inclusive integer interval of one field of a set key.
 
     Addresses are kept as ints (fast to compare, sort and intersect); a span of
-    an address type is always a CIDR block, rendered as an address or prefix.
+    an address type is rendered as an address, a prefix if it is a CIDR block,
+    else a range (the form `nft list` prints, so listings compare equal).
     """
 
     lo: int
@@ -375,12 +376,15 @@ class _KeyRenderer:
         bits = _ADDR_BITS.get(type_)
         if bits is None:  # inet_proto, inet_service
             return s.lo if s.lo == s.hi else {"range": [s.lo, s.hi]}
-        addr = ipaddress.IPv4Address(s.lo) if bits == 32 else ipaddress.IPv6Address(s.lo)
+        make = ipaddress.IPv4Address if bits == 32 else ipaddress.IPv6Address
+        addr = make(s.lo)
         if s.lo == s.hi:
             return str(addr)
         host_bits = (s.hi - s.lo).bit_length()
         if s.hi - s.lo + 1 != 1 << host_bits or s.lo & ((1 << host_bits) - 1):
-            raise ValueError(f"{type_} span {s} is not a CIDR block")
+            # Not a CIDR block (a piece of a flattened rule space): nft lists it as
+            # a range, and a block as a prefix, so this form lists back identically.
+            return {"range": [str(addr), str(make(s.hi))]}
         return {"prefix": {"addr": str(addr), "len": bits - host_bits}}
 
     def key(self, type_: tuple[str, ...], k: Key) -> Any:
