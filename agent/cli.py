@@ -21,7 +21,7 @@ from nftsg.translators.explain import explain
 from nftsg.translators.network import Network
 from nftsg.translators.validate import load_network
 
-from . import lab_commands
+from . import ecs_cli, lab_commands
 
 EXIT_ERROR = 2
 
@@ -132,6 +132,8 @@ def register_explain(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 REGISTRARS: dict[str, Registrar] = {
     "explain": register_explain,
     "lab": lab_commands.register,  # also adds `agent`
+    "ecs": ecs_cli.register_ecs,
+    "api-key": ecs_cli.register_api_key,
 }
 
 
