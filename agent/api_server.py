@@ -225,10 +225,10 @@ class ApiServer:
         for sock, authenticate in sockets:
             app = web.Application(client_max_size=1024 * 1024, handler_args=_HANDLER_ARGS)
             app.router.add_route("*", "/{tail:.*}", self._handler(authenticate))
-            runner = web.AppRunner(app, access_log=None)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
             await runner.setup()
             self._runners.append(runner)
-            await web.SockSite(runner, sock, shutdown_timeout=5.0).start()
+            await web.SockSite(runner, sock).start()
 
     # -- authentication -------------------------------------------------------
 

@@ -14,7 +14,8 @@ class FakeControlPlane:
         self.calls: list[tuple[str, dict[str, Any], str]] = []
         self.lock = threading.Lock()
         self.groups: dict[str, dict[str, Any]] = {
-            "sg-web": {"SecurityGroupName": "web", "VpcId": "vpc-a", "Permissions": [], "Tags": []}
+            "sg-web": {"SecurityGroupName": "web", "VpcId": "vpc-a", "Permissions": [], "Tags": []},
+            "sg-db": {"SecurityGroupName": "db", "VpcId": "vpc-a", "Permissions": [], "Tags": []},
         }
         self.enis = [
             {"NetworkInterfaceId": f"eni-{i}", "InstanceId": f"i-{i}", "SecurityGroupIds": ["sg-web"],
