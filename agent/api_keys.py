@@ -132,7 +132,8 @@ class KeyStore:
             keys = self._read()
             if access_key_id not in keys:
                 raise EcsError(
-                    "InvalidAccessKeyId.NotFound", f"Specified access key is not found: {access_key_id}"
+                    "InvalidAccessKeyId.NotFound",
+                    f"Specified access key is not found: {access_key_id}",
                 )
             del keys[access_key_id]
             self._write(keys)

@@ -40,7 +40,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-
 from nftsg.translators.errors import EcsError
 
 from .api_auth import Acs3Verifier
@@ -80,7 +79,10 @@ def _new_request_id() -> str:
 def _parse_pairs(text: str, where: str) -> list[tuple[str, str]]:
     try:
         return parse_qsl(
-            text, keep_blank_values=True, strict_parsing=False, errors="strict",
+            text,
+            keep_blank_values=True,
+            strict_parsing=False,
+            errors="strict",
             max_num_fields=MAX_PARAMETERS,
         )
     except (UnicodeDecodeError, ValueError) as exc:
@@ -148,8 +150,11 @@ class ApiServer:
         if failure:
             self._thread.join()
             raise failure[0]
-        log.info("ECS API listening on %s%s", self.listen or "-",
-                 f" and {self.unix_socket}" if self.unix_socket else "")
+        log.info(
+            "ECS API listening on %s%s",
+            self.listen or "-",
+            f" and {self.unix_socket}" if self.unix_socket else "",
+        )
 
     def stop(self) -> None:
         """Stop accepting, finish the requests in flight, then return."""
@@ -277,8 +282,10 @@ class ApiServer:
                 )
                 if not isinstance(result, dict):
                     raise TypeError(f"control plane returned {type(result).__name__}")
-                response = {"RequestId": request_id, **{k: v for k, v in result.items()
-                                                        if k != "RequestId"}}
+                response = {
+                    "RequestId": request_id,
+                    **{k: v for k, v in result.items() if k != "RequestId"},
+                }
                 status, code = 200, "-"
             except EcsError as error:
                 status, code = http_status(error.code), error.code
@@ -299,8 +306,12 @@ class ApiServer:
                 }
             log.info(
                 "ECS API %s by %s -> %d %s (%.1f ms, RequestId %s)",
-                action, principal, status, code,
-                (time.perf_counter() - started) * 1000, request_id,
+                action,
+                principal,
+                status,
+                code,
+                (time.perf_counter() - started) * 1000,
+                request_id,
             )
             return web.Response(
                 status=status,
@@ -335,7 +346,8 @@ class ApiServer:
         version = (headers.get("x-acs-version") or [given.get("Version", "")])[0].strip()
         if request.rel_url.raw_path != "/":
             raise EcsError(
-                "InvalidAction.NotFound", "Specified api is not found, please check your url and method."
+                "InvalidAction.NotFound",
+                "Specified api is not found, please check your url and method.",
             )
         if not action:
             raise EcsError(
@@ -350,9 +362,12 @@ class ApiServer:
                     'The input parameter "Version" that is mandatory for processing this request '
                     "is not supplied.",
                 )
-            raise EcsError("InvalidVersion", f"Specified parameter Version is not valid: {version}.")
+            raise EcsError(
+                "InvalidVersion", f"Specified parameter Version is not valid: {version}."
+            )
         if action not in ACTIONS:
             raise EcsError(
-                "InvalidAction.NotFound", "Specified api is not found, please check your url and method."
+                "InvalidAction.NotFound",
+                "Specified api is not found, please check your url and method.",
             )
         return action, unflatten(pairs)

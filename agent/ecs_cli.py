@@ -158,9 +158,13 @@ def run_api_key(args: argparse.Namespace) -> int:
     store = _keystore()
     if args.key_command == "create":
         key = store.create()
-        print(json.dumps({"AccessKeyId": key.access_key_id, "AccessKeySecret": key.access_key_secret}))
+        print(
+            json.dumps({"AccessKeyId": key.access_key_id, "AccessKeySecret": key.access_key_secret})
+        )
     elif args.key_command == "list":
-        listed = [{"AccessKeyId": k.access_key_id, "CreateTime": k.create_time} for k in store.list()]
+        listed = [
+            {"AccessKeyId": k.access_key_id, "CreateTime": k.create_time} for k in store.list()
+        ]
         print(json.dumps({"AccessKeys": listed}, indent=2))
     else:
         store.delete(args.access_key_id)  # EcsError -> cli.main prints it, exit 2
@@ -175,7 +179,9 @@ def register_api_key(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "in the state directory; list never shows secrets.",
     )
     keys = parser.add_subparsers(dest="key_command", metavar="COMMAND", required=True)
-    keys.add_parser("create", help='print a new pair as {"AccessKeyId": ..., "AccessKeySecret": ...}')
+    keys.add_parser(
+        "create", help='print a new pair as {"AccessKeyId": ..., "AccessKeySecret": ...}'
+    )
     keys.add_parser("list", help="list AccessKeyIds (no secrets)")
     delete = keys.add_parser("delete", help="delete one key; it stops working at once")
     delete.add_argument("access_key_id", metavar="ACCESS_KEY_ID")

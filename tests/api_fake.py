@@ -18,8 +18,12 @@ class FakeControlPlane:
             "sg-db": {"SecurityGroupName": "db", "VpcId": "vpc-a", "Permissions": [], "Tags": []},
         }
         self.enis = [
-            {"NetworkInterfaceId": f"eni-{i}", "InstanceId": f"i-{i}", "SecurityGroupIds": ["sg-web"],
-             "PrivateIpAddress": f"10.0.{i // 250}.{i % 250 + 1}"}
+            {
+                "NetworkInterfaceId": f"eni-{i}",
+                "InstanceId": f"i-{i}",
+                "SecurityGroupIds": ["sg-web"],
+                "PrivateIpAddress": f"10.0.{i // 250}.{i % 250 + 1}",
+            }
             for i in range(enis)
         ]
 
@@ -30,49 +34,82 @@ class FakeControlPlane:
 
     def _group(self, group_id: str) -> dict[str, Any]:
         if group_id not in self.groups:
-            raise EcsError("InvalidSecurityGroupId.NotFound", "The specified security group does not exist.")
+            raise EcsError(
+                "InvalidSecurityGroupId.NotFound", "The specified security group does not exist."
+            )
         return self.groups[group_id]
 
     # -- groups -------------------------------------------------------------
 
     def CreateSecurityGroup(self, p: dict[str, Any]) -> dict[str, Any]:
         group_id = f"sg-{len(self.groups) + 1}"
-        self.groups[group_id] = {"SecurityGroupName": p.get("SecurityGroupName", ""), "VpcId": p.get("VpcId", ""),
-                                 "Permissions": [], "Tags": p.get("Tag", [])}
+        self.groups[group_id] = {
+            "SecurityGroupName": p.get("SecurityGroupName", ""),
+            "VpcId": p.get("VpcId", ""),
+            "Permissions": [],
+            "Tags": p.get("Tag", []),
+        }
         return {"SecurityGroupId": group_id}
 
     def DeleteSecurityGroup(self, p: dict[str, Any]) -> dict[str, Any]:
         self._group(p["SecurityGroupId"])
         if any(p["SecurityGroupId"] in e["SecurityGroupIds"] for e in self.enis):
-            raise EcsError("DependencyViolation", "There is still instance(s) in the specified security group.")
+            raise EcsError(
+                "DependencyViolation", "There is still instance(s) in the specified security group."
+            )
         del self.groups[p["SecurityGroupId"]]
         return {}
 
     def DescribeSecurityGroups(self, p: dict[str, Any]) -> dict[str, Any]:
         items = [
-            {"SecurityGroupId": gid, "SecurityGroupName": g["SecurityGroupName"], "VpcId": g["VpcId"],
-             "SecurityGroupType": "normal", "Tags": {"Tag": [{"TagKey": t["Key"], "TagValue": t.get("Value", "")}
-                                                             for t in g["Tags"]]}}
+            {
+                "SecurityGroupId": gid,
+                "SecurityGroupName": g["SecurityGroupName"],
+                "VpcId": g["VpcId"],
+                "SecurityGroupType": "normal",
+                "Tags": {
+                    "Tag": [{"TagKey": t["Key"], "TagValue": t.get("Value", "")} for t in g["Tags"]]
+                },
+            }
             for gid, g in sorted(self.groups.items())
         ]
-        return {"PageNumber": 1, "PageSize": 10, "TotalCount": len(items), "RegionId": p.get("RegionId", ""),
-                "SecurityGroups": {"SecurityGroup": items}}
+        return {
+            "PageNumber": 1,
+            "PageSize": 10,
+            "TotalCount": len(items),
+            "RegionId": p.get("RegionId", ""),
+            "SecurityGroups": {"SecurityGroup": items},
+        }
 
     def DescribeSecurityGroupAttribute(self, p: dict[str, Any]) -> dict[str, Any]:
         g = self._group(p["SecurityGroupId"])
-        return {"SecurityGroupId": p["SecurityGroupId"], "VpcId": g["VpcId"], "InnerAccessPolicy": "Accept",
-                "SecurityGroupName": g["SecurityGroupName"], "Permissions": {"Permission": g["Permissions"]}}
+        return {
+            "SecurityGroupId": p["SecurityGroupId"],
+            "VpcId": g["VpcId"],
+            "InnerAccessPolicy": "Accept",
+            "SecurityGroupName": g["SecurityGroupName"],
+            "Permissions": {"Permission": g["Permissions"]},
+        }
 
     def DescribeSecurityGroupReferences(self, p: dict[str, Any]) -> dict[str, Any]:
-        refs = [{"SecurityGroupId": gid, "ReferencingSecurityGroups": {"ReferencingSecurityGroup": []}}
-                for gid in p["SecurityGroupId"]]
+        refs = [
+            {"SecurityGroupId": gid, "ReferencingSecurityGroups": {"ReferencingSecurityGroup": []}}
+            for gid in p["SecurityGroupId"]
+        ]
         return {"SecurityGroupReferences": {"SecurityGroupReference": refs}}
 
     def _authorize(self, p: dict[str, Any], direction: str) -> dict[str, Any]:
         g = self._group(p["SecurityGroupId"])
         for rule in p.get("Permissions", []):
-            g["Permissions"].append({"Direction": direction, "Policy": "Accept", "Priority": "1", **rule,
-                                     "SecurityGroupRuleId": f"sgr-{len(g['Permissions']) + 1}"})
+            g["Permissions"].append(
+                {
+                    "Direction": direction,
+                    "Policy": "Accept",
+                    "Priority": "1",
+                    **rule,
+                    "SecurityGroupRuleId": f"sgr-{len(g['Permissions']) + 1}",
+                }
+            )
         return {}
 
     def AuthorizeSecurityGroup(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -96,31 +133,73 @@ class FakeControlPlane:
 
     def DescribeNetworkInterfaces(self, p: dict[str, Any]) -> dict[str, Any]:
         sets = [
-            {"NetworkInterfaceId": e["NetworkInterfaceId"], "InstanceId": e["InstanceId"], "VpcId": "vpc-a",
-             "VSwitchId": "vsw-a1", "Type": "Primary", "Status": "InUse", "MacAddress": "02:00:00:00:00:01",
-             "PrivateIpAddress": e["PrivateIpAddress"],
-             "PrivateIpSets": {"PrivateIpSet": [{"PrivateIpAddress": e["PrivateIpAddress"], "Primary": True}]},
-             "SecurityGroupIds": {"SecurityGroupId": e["SecurityGroupIds"]}}
+            {
+                "NetworkInterfaceId": e["NetworkInterfaceId"],
+                "InstanceId": e["InstanceId"],
+                "VpcId": "vpc-a",
+                "VSwitchId": "vsw-a1",
+                "Type": "Primary",
+                "Status": "InUse",
+                "MacAddress": "02:00:00:00:00:01",
+                "PrivateIpAddress": e["PrivateIpAddress"],
+                "PrivateIpSets": {
+                    "PrivateIpSet": [{"PrivateIpAddress": e["PrivateIpAddress"], "Primary": True}]
+                },
+                "SecurityGroupIds": {"SecurityGroupId": e["SecurityGroupIds"]},
+            }
             for e in self.enis
         ]
-        return {"TotalCount": len(sets), "PageNumber": 1, "PageSize": len(sets), "NextToken": "",
-                "NetworkInterfaceSets": {"NetworkInterfaceSet": sets}}
+        return {
+            "TotalCount": len(sets),
+            "PageNumber": 1,
+            "PageSize": len(sets),
+            "NextToken": "",
+            "NetworkInterfaceSets": {"NetworkInterfaceSet": sets},
+        }
 
     def DescribeInstances(self, p: dict[str, Any]) -> dict[str, Any]:
         instances = [
-            {"InstanceId": e["InstanceId"], "Status": "Running",
-             "SecurityGroupIds": {"SecurityGroupId": e["SecurityGroupIds"]},
-             "VpcAttributes": {"VpcId": "vpc-a", "VSwitchId": "vsw-a1",
-                               "PrivateIpAddress": {"IpAddress": [e["PrivateIpAddress"]]}},
-             "NetworkInterfaces": {"NetworkInterface": [
-                 {"NetworkInterfaceId": e["NetworkInterfaceId"], "Type": "Primary",
-                  "PrimaryIpAddress": e["PrivateIpAddress"]}]}}
+            {
+                "InstanceId": e["InstanceId"],
+                "Status": "Running",
+                "SecurityGroupIds": {"SecurityGroupId": e["SecurityGroupIds"]},
+                "VpcAttributes": {
+                    "VpcId": "vpc-a",
+                    "VSwitchId": "vsw-a1",
+                    "PrivateIpAddress": {"IpAddress": [e["PrivateIpAddress"]]},
+                },
+                "NetworkInterfaces": {
+                    "NetworkInterface": [
+                        {
+                            "NetworkInterfaceId": e["NetworkInterfaceId"],
+                            "Type": "Primary",
+                            "PrimaryIpAddress": e["PrivateIpAddress"],
+                        }
+                    ]
+                },
+            }
             for e in self.enis
         ]
-        return {"TotalCount": len(instances), "PageNumber": 1, "PageSize": 10, "NextToken": "",
-                "Instances": {"Instance": instances}}
+        return {
+            "TotalCount": len(instances),
+            "PageNumber": 1,
+            "PageSize": 10,
+            "NextToken": "",
+            "Instances": {"Instance": instances},
+        }
 
     def ListTagResources(self, p: dict[str, Any]) -> dict[str, Any]:
-        return {"NextToken": "", "TagResources": {"TagResource": [
-            {"ResourceId": rid, "ResourceType": p.get("ResourceType", ""), "TagKey": "env", "TagValue": "prod"}
-            for rid in p.get("ResourceId", [])]}}
+        return {
+            "NextToken": "",
+            "TagResources": {
+                "TagResource": [
+                    {
+                        "ResourceId": rid,
+                        "ResourceType": p.get("ResourceType", ""),
+                        "TagKey": "env",
+                        "TagValue": "prod",
+                    }
+                    for rid in p.get("ResourceId", [])
+                ]
+            },
+        }

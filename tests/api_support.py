@@ -51,7 +51,9 @@ class Running:
 
 
 @contextmanager
-def running_server(tmp_path: Path, enis: int = 2, unix_socket: Path | None = None) -> Iterator[Running]:
+def running_server(
+    tmp_path: Path, enis: int = 2, unix_socket: Path | None = None
+) -> Iterator[Running]:
     keystore = KeyStore(tmp_path / "api-keys.json")
     key = keystore.create()
     control_plane = FakeControlPlane(enis=enis)
@@ -96,8 +98,11 @@ def signed_request(
     if content_type:
         request.headers["content-type"] = content_type
     request.headers["Authorization"] = Utils.get_authorization(
-        request, "ACS3-HMAC-SHA256", request.headers["x-acs-content-sha256"],
-        key.access_key_id, key.access_key_secret,
+        request,
+        "ACS3-HMAC-SHA256",
+        request.headers["x-acs-content-sha256"],
+        key.access_key_id,
+        key.access_key_secret,
     )
     path = "/" + ("?" + urlencode(query) if query else "")
     return path, request.headers, body

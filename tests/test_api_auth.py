@@ -12,8 +12,13 @@ from typing import Any
 import pytest
 from api_support import Running, running_server, send, signed_request
 
-QUERY = {"RegionId": "cn-hangzhou", "SecurityGroupId": "sg-web", "Permissions.1.IpProtocol": "TCP",
-         "Permissions.1.PortRange": "22/22", "Permissions.1.SourceCidrIp": "0.0.0.0/0"}
+QUERY = {
+    "RegionId": "cn-hangzhou",
+    "SecurityGroupId": "sg-web",
+    "Permissions.1.IpProtocol": "TCP",
+    "Permissions.1.PortRange": "22/22",
+    "Permissions.1.SourceCidrIp": "0.0.0.0/0",
+}
 ACTION = "AuthorizeSecurityGroup"
 
 
@@ -23,8 +28,15 @@ def api(tmp_path: Path) -> Iterator[Running]:
         yield running
 
 
-def _rejected(api: Running, status: int, code: str, path: str, headers: dict[str, str],
-              body: bytes = b"", method: str = "POST") -> dict[str, Any]:
+def _rejected(
+    api: Running,
+    status: int,
+    code: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes = b"",
+    method: str = "POST",
+) -> dict[str, Any]:
     got_status, answer = send(api.endpoint, method, path, headers, body)
     assert (got_status, answer["Code"]) == (status, code), answer
     assert answer["RequestId"] and answer["Message"]
@@ -46,20 +58,24 @@ def test_missing_authorization_is_incomplete_signature(api: Running) -> None:
     _rejected(api, 400, "IncompleteSignature", path, headers)
 
 
-@pytest.mark.parametrize("header", ["x-acs-date", "x-acs-signature-nonce", "x-acs-content-sha256",
-                                    "x-acs-action"])
+@pytest.mark.parametrize(
+    "header", ["x-acs-date", "x-acs-signature-nonce", "x-acs-content-sha256", "x-acs-action"]
+)
 def test_missing_signed_header_is_incomplete_signature(api: Running, header: str) -> None:
     path, headers, _ = signed_request(api.endpoint, api.key, ACTION, QUERY)
     del headers[header]
     _rejected(api, 400, "IncompleteSignature", path, headers)
 
 
-@pytest.mark.parametrize("authorization", [
-    "garbage",
-    "ACS3-HMAC-SHA256 Credential=LTAIx,Signature=" + "0" * 64,
-    "ACS3-HMAC-SHA256 Credential=LTAIx,SignedHeaders=host,Signature=abc",
-    "ACS3-HMAC-SM3 Credential=LTAIx,SignedHeaders=host,Signature=" + "0" * 64,
-])
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "garbage",
+        "ACS3-HMAC-SHA256 Credential=LTAIx,Signature=" + "0" * 64,
+        "ACS3-HMAC-SHA256 Credential=LTAIx,SignedHeaders=host,Signature=abc",
+        "ACS3-HMAC-SM3 Credential=LTAIx,SignedHeaders=host,Signature=" + "0" * 64,
+    ],
+)
 def test_malformed_authorization_is_incomplete_signature(api: Running, authorization: str) -> None:
     path, headers, _ = signed_request(api.endpoint, api.key, ACTION, QUERY)
     headers["Authorization"] = authorization
@@ -97,8 +113,14 @@ def test_tampered_parameter_is_signature_does_not_match(api: Running) -> None:
 
 def test_tampered_body_is_signature_does_not_match(api: Running) -> None:
     form = b"Description=x"
-    path, headers, body = signed_request(api.endpoint, api.key, ACTION, QUERY, body=form,
-                                         content_type="application/x-www-form-urlencoded")
+    path, headers, _ = signed_request(
+        api.endpoint,
+        api.key,
+        ACTION,
+        QUERY,
+        body=form,
+        content_type="application/x-www-form-urlencoded",
+    )
     _rejected(api, 400, "SignatureDoesNotMatch", path, headers, b"Description=y")
 
 
@@ -147,23 +169,37 @@ def test_wrong_version_is_invalid_version(api: Running) -> None:
     headers["x-acs-version"] = "2016-03-14"  # signed as 2014-05-26: re-sign with the new value
     from alibabacloud_tea_openapi.utils import Utils
     from darabonba.request import DaraRequest
+
     request = DaraRequest()
     request.method, request.pathname, request.query = "POST", "/", QUERY
     request.headers = {k: v for k, v in headers.items() if k != "Authorization"}
     headers["Authorization"] = Utils.get_authorization(
-        request, "ACS3-HMAC-SHA256", headers["x-acs-content-sha256"],
-        api.key.access_key_id, api.key.access_key_secret)
+        request,
+        "ACS3-HMAC-SHA256",
+        headers["x-acs-content-sha256"],
+        api.key.access_key_id,
+        api.key.access_key_secret,
+    )
     _rejected(api, 400, "InvalidVersion", path, headers)
 
 
 def test_list_parameter_with_a_hole_is_invalid_parameter(api: Running) -> None:
-    query = {"RegionId": "r", "NetworkInterfaceId": "eni-1", "SecurityGroupId.1": "sg-a", "SecurityGroupId.3": "sg-b"}
-    path, headers, _ = signed_request(api.endpoint, api.key, "ModifyNetworkInterfaceAttribute", query)
+    query = {
+        "RegionId": "r",
+        "NetworkInterfaceId": "eni-1",
+        "SecurityGroupId.1": "sg-a",
+        "SecurityGroupId.3": "sg-b",
+    }
+    path, headers, _ = signed_request(
+        api.endpoint, api.key, "ModifyNetworkInterfaceAttribute", query
+    )
     answer = _rejected(api, 400, "InvalidParameter", path, headers)
     assert "SecurityGroupId.2" in answer["Message"]
 
 
-def test_secrets_and_signatures_never_reach_the_log(api: Running, caplog: pytest.LogCaptureFixture) -> None:
+def test_secrets_and_signatures_never_reach_the_log(
+    api: Running, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level("DEBUG")
     path, headers, _ = signed_request(api.endpoint, api.key, ACTION, QUERY)
     send(api.endpoint, "POST", path, headers)

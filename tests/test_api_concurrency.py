@@ -14,15 +14,25 @@ THREADS, CALLS = 8, 25
 def test_concurrent_callers_lose_nothing_and_keep_per_client_order(tmp_path: Path) -> None:
     errors: list[BaseException] = []
     with running_server(tmp_path) as api:
+
         def caller(n: int) -> None:
             client = api.client()
             try:
                 for i in range(CALLS):
-                    client.authorize_security_group(m.AuthorizeSecurityGroupRequest(
-                        region_id="r", security_group_id="sg-web",
-                        permissions=[m.AuthorizeSecurityGroupRequestPermissions(
-                            ip_protocol="TCP", port_range=f"{i + 1}/{i + 1}",
-                            source_cidr_ip=f"10.{n}.0.0/16", description=f"{n}:{i}")]))
+                    client.authorize_security_group(
+                        m.AuthorizeSecurityGroupRequest(
+                            region_id="r",
+                            security_group_id="sg-web",
+                            permissions=[
+                                m.AuthorizeSecurityGroupRequestPermissions(
+                                    ip_protocol="TCP",
+                                    port_range=f"{i + 1}/{i + 1}",
+                                    source_cidr_ip=f"10.{n}.0.0/16",
+                                    description=f"{n}:{i}",
+                                )
+                            ],
+                        )
+                    )
             except BaseException as exc:  # surfaced below
                 errors.append(exc)
 
@@ -58,13 +68,20 @@ def test_calls_run_one_at_a_time_off_the_event_loop(tmp_path: Path) -> None:
             return original(action, params, request_id)
 
         api.control_plane.call = slow_call  # type: ignore[method-assign]
-        threads = [threading.Thread(target=lambda: api.client().describe_security_groups(
-            m.DescribeSecurityGroupsRequest(region_id="r"))) for _ in range(3)]
+        threads = [
+            threading.Thread(
+                target=lambda: api.client().describe_security_groups(
+                    m.DescribeSecurityGroupsRequest(region_id="r")
+                )
+            )
+            for _ in range(3)
+        ]
         for t in threads:
             t.start()
         time.sleep(0.05)
         # While those queue, an unauthenticated request is answered at once.
         from api_support import send
+
         started = time.perf_counter()
         status, _ = send(api.endpoint, "POST", "/", {"Host": api.endpoint})
         assert status == 400 and time.perf_counter() - started < 0.15

@@ -18,11 +18,24 @@ from nftsg.agent.api_keys import KeyStore
 from nftsg.agent.cli import main
 from nftsg.agent.ecs_cli import call_agent
 
-AUTHORIZE = ["AuthorizeSecurityGroup", "--RegionId", "r", "--SecurityGroupId", "sg-web",
-             "--Permissions.1.IpProtocol", "TCP", "--Permissions.1.PortRange", "22/22",
-             "--Permissions.1.SourceCidrIp=198.51.100.0/24",
-             "--Permissions.2.IpProtocol", "ICMP", "--Permissions.2.PortRange", "-1/-1",
-             "--Permissions.2.SourceCidrIp", "0.0.0.0/0"]
+AUTHORIZE = [
+    "AuthorizeSecurityGroup",
+    "--RegionId",
+    "r",
+    "--SecurityGroupId",
+    "sg-web",
+    "--Permissions.1.IpProtocol",
+    "TCP",
+    "--Permissions.1.PortRange",
+    "22/22",
+    "--Permissions.1.SourceCidrIp=198.51.100.0/24",
+    "--Permissions.2.IpProtocol",
+    "ICMP",
+    "--Permissions.2.PortRange",
+    "-1/-1",
+    "--Permissions.2.SourceCidrIp",
+    "0.0.0.0/0",
+]
 
 
 def test_nftsg_ecs_round_trip_over_the_socket(tmp_path: Path) -> None:
@@ -30,8 +43,13 @@ def test_nftsg_ecs_round_trip_over_the_socket(tmp_path: Path) -> None:
     with running_server(tmp_path, unix_socket=sock) as api:
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         env = {**os.environ, "NFTSG_API_SOCKET": str(sock)}
-        done = subprocess.run([sys.executable, "-m", "nftsg.agent.cli", "ecs", *AUTHORIZE],
-                              env=env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "nftsg.agent.cli", "ecs", *AUTHORIZE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         printed = json.loads(done.stdout)
         action, params, request_id = api.control_plane.calls[0]
@@ -42,8 +60,20 @@ def test_nftsg_ecs_round_trip_over_the_socket(tmp_path: Path) -> None:
             {"IpProtocol": "ICMP", "PortRange": "-1/-1", "SourceCidrIp": "0.0.0.0/0"},
         ]
         done = subprocess.run(
-            [sys.executable, "-m", "nftsg.agent.cli", "ecs", "DescribeSecurityGroupAttribute",
-             "--SecurityGroupId", "sg-web"], env=env, capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "nftsg.agent.cli",
+                "ecs",
+                "DescribeSecurityGroupAttribute",
+                "--SecurityGroupId",
+                "sg-web",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         body = json.loads(done.stdout)
         assert [p["PortRange"] for p in body["Permissions"]["Permission"]] == ["22/22", "-1/-1"]
     assert not sock.exists()  # stop() removes it
@@ -54,7 +84,16 @@ def test_nftsg_ecs_error_is_one_line_with_the_code_and_exit_2(
 ) -> None:
     sock = tmp_path / "api.sock"
     with running_server(tmp_path, unix_socket=sock):
-        code = main(["ecs", "--api-socket", str(sock), "DeleteSecurityGroup", "--SecurityGroupId", "sg-nope"])
+        code = main(
+            [
+                "ecs",
+                "--api-socket",
+                str(sock),
+                "DeleteSecurityGroup",
+                "--SecurityGroupId",
+                "sg-nope",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2
         assert err.count("\n") == 1 and err.startswith("InvalidSecurityGroupId.NotFound: ")
@@ -64,7 +103,9 @@ def test_nftsg_ecs_error_is_one_line_with_the_code_and_exit_2(
         assert capsys.readouterr().err.startswith("InvalidParameter: ")
 
 
-def test_nftsg_ecs_without_an_agent_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_nftsg_ecs_without_an_agent_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["ecs", "--api-socket", str(tmp_path / "none.sock"), "DescribeSecurityGroups"]) == 2
     assert capsys.readouterr().err.startswith("AgentNotRunning: ")
 
@@ -105,9 +146,14 @@ def test_a_non_root_peer_is_refused_and_changes_nothing(tmp_path: Path) -> None:
 
 def _refused_as_nobody(tmp_path: Path, sock: Path) -> None:
     with running_server(tmp_path, unix_socket=sock) as api:
+
         def call() -> str:
-            status, body = call_agent(sock, "AuthorizeSecurityGroup", [("SecurityGroupId", "sg-web"),
-                                      ("Permissions.1.IpProtocol", "TCP")], timeout=10)
+            status, body = call_agent(
+                sock,
+                "AuthorizeSecurityGroup",
+                [("SecurityGroupId", "sg-web"), ("Permissions.1.IpProtocol", "TCP")],
+                timeout=10,
+            )
             return f"{status} {body['Code']}"
 
         # The 0600 mode stops the connection itself...
@@ -118,8 +164,9 @@ def _refused_as_nobody(tmp_path: Path, sock: Path) -> None:
         assert api.control_plane.calls == []
 
 
-def test_api_key_create_list_delete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_api_key_create_list_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("NFTSG_STATE_DIR", str(tmp_path))
     assert main(["api-key", "create"]) == 0
     created = json.loads(capsys.readouterr().out)
