@@ -137,7 +137,3 @@ class KeyStore:
                 )
             del keys[access_key_id]
             self._write(keys)
-
-
-def keys_path(state_dir: Path) -> Path:
-    return state_dir / KEYS_FILE_NAME

@@ -46,11 +46,12 @@ from .api_auth import Acs3Verifier
 from .api_errors import http_status
 from .api_keys import KeyStore
 from .api_params import unflatten
+from .api_paths import DEFAULT_LISTEN, api_keys_path, api_listen, api_socket_path
 from .api_seam import ACTIONS, API_VERSION, ControlPlane
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = "127.0.0.1:7380"
 MAX_PARAMETERS = 10_000
 # The SDK puts every parameter in the query string: 100 rules of 10 fields do
 # not fit aiohttp's default 8 KiB request line.
@@ -371,3 +372,16 @@ class ApiServer:
                 "Specified api is not found, please check your url and method.",
             )
         return action, unflatten(pairs)
+
+
+def api_server_for(
+    settings: Settings, control_plane: ControlPlane, listen: str | None = None
+) -> ApiServer:
+    """The agent's API: TCP on `listen` (default NFTSG_API_LISTEN or 127.0.0.1:7380),
+    the unix socket and the key file of its state directory."""
+    return ApiServer(
+        control_plane,
+        KeyStore(api_keys_path(settings.state_dir)),
+        listen=listen or api_listen(),
+        unix_socket=api_socket_path(settings.state_dir),
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import socket
 import sys
 from pathlib import Path
@@ -20,20 +19,12 @@ from urllib.parse import urlencode
 
 from nftsg.translators.errors import EcsError
 
-from .api_keys import KeyStore, keys_path
+from .api_keys import KeyStore
+from .api_paths import api_keys_path, api_socket_path
 from .api_seam import API_VERSION
 from .settings import settings_from_env
 
 EXIT_ERROR = 2
-API_SOCKET_NAME = "api.sock"
-
-
-def api_socket_path(state_dir: Path | None = None) -> Path:
-    """NFTSG_API_SOCKET, else `api.sock` in the state directory."""
-    explicit = os.environ.get("NFTSG_API_SOCKET")
-    if explicit:
-        return Path(explicit)
-    return (state_dir or settings_from_env().state_dir) / API_SOCKET_NAME
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -108,7 +99,11 @@ def call_agent(
 def run_ecs(args: argparse.Namespace) -> int:
     try:
         pairs = parse_ecs_params(args.params)
-        path = Path(args.api_socket) if args.api_socket else api_socket_path()
+        path = (
+            Path(args.api_socket)
+            if args.api_socket
+            else api_socket_path(settings_from_env().state_dir)
+        )
         status, body = call_agent(path, args.action, pairs)
     except EcsError as error:
         print(f"{error.code}: {error.message}", file=sys.stderr)
@@ -151,7 +146,7 @@ def register_ecs(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _keystore() -> KeyStore:
-    return KeyStore(keys_path(settings_from_env().state_dir))
+    return KeyStore(api_keys_path(settings_from_env().state_dir))
 
 
 def run_api_key(args: argparse.Namespace) -> int:
