@@ -87,6 +87,8 @@ def call_agent(
         ) from None
     except PermissionError:
         raise EcsError("Forbidden", f"{path}: permission denied (run as root)") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise EcsError("ServiceUnavailable", f"the agent at {path} did not answer: {exc}") from None
     finally:
         connection.close()
     try:
