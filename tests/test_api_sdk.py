@@ -379,3 +379,29 @@ def test_a_hundred_rules_in_one_call_fit_the_request_line(tmp_path: Path) -> Non
         )
         received = api.control_plane.calls[0][1]["Permissions"]
         assert [r["PortRange"] for r in received] == [f"{1000 + i}/{1000 + i}" for i in range(100)]
+
+
+def test_a_control_plane_crash_is_500_internal_error_and_the_server_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from alibabacloud_tea_openapi.exceptions import ServerException
+
+    with running_server(tmp_path) as api:
+        original = api.control_plane.call
+
+        def crash(action: str, params: dict[str, Any], request_id: str) -> dict[str, Any]:
+            raise RuntimeError("bug in the control plane")
+
+        api.control_plane.call = crash  # type: ignore[method-assign]
+        client = api.client()
+        with pytest.raises(ServerException) as error:
+            client.describe_security_groups(m.DescribeSecurityGroupsRequest(region_id=R))
+        assert (error.value.status_code, error.value.code) == (500, "InternalError")
+        assert "bug in the control plane" in caplog.text  # logged, with its traceback
+        api.control_plane.call = original  # type: ignore[method-assign]
+        assert (
+            client.describe_security_groups(
+                m.DescribeSecurityGroupsRequest(region_id=R)
+            ).status_code
+            == 200
+        )
