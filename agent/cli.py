@@ -21,7 +21,7 @@ from nftsg.translators.explain import explain
 from nftsg.translators.network import Network
 from nftsg.translators.validate import load_network
 
-from . import lab_commands, verify_command
+from . import ecs_cli, lab_commands, verify_command
 
 EXIT_ERROR = 2
 
@@ -133,6 +133,8 @@ REGISTRARS: dict[str, Registrar] = {
     "explain": register_explain,
     "lab": lab_commands.register,  # also adds `agent`
     "verify": verify_command.register,
+    "ecs": ecs_cli.register_ecs,
+    "api-key": ecs_cli.register_api_key,
 }
 
 
