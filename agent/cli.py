@@ -13,8 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from nftsg.translators.errors import EcsError
 from nftsg.translators.explain import explain
@@ -22,6 +21,7 @@ from nftsg.translators.network import Network
 from nftsg.translators.validate import load_network
 
 from . import ecs_cli, lab_commands, verify_command
+from .documents import read_document_file
 
 EXIT_ERROR = 2
 
@@ -30,17 +30,23 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 
 
 def print_error(error: EcsError) -> None:
-    print(json.dumps(error.to_dict(), indent=2), file=sys.stderr)
+    """One line: the ECS code, the message and where in the input it was found."""
+    where = f" (at {error.path})" if error.path else ""
+    message = " ".join(str(error.message).split())
+    print(f"nftsg: {error.code}: {message}{where}", file=sys.stderr)
 
 
 def load_network_file(path: str) -> Network:
     """Read and check a topology file; unreadable files are errors like any other."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise EcsError("InvalidParameter.File", f"cannot read {path}: {reason}", path) from None
-    return load_network(text, source=path)
+    return load_network(read_document_file(path), source=path)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line with a code (subcommand parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        code = "MissingParameter" if "required" in message else "InvalidParameter"
+        self.exit(EXIT_ERROR, f"nftsg: {code}: {message} (see {self.prog} --help)\n")
 
 
 def _running_state_network() -> Network:
@@ -139,13 +145,13 @@ REGISTRARS: dict[str, Registrar] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nftsg",
         description="Alibaba Cloud ECS security groups enforced with nftables",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in REGISTRARS.values():
-        register(subparsers)
+        register(subparsers)  # type: ignore[arg-type]  # _Parser is an ArgumentParser
     return parser
 
 

@@ -21,6 +21,7 @@ from nftsg.translators.network import Network
 from nftsg.translators.validate import build_network
 
 from . import netns
+from .documents import read_document_file
 from .lab import Lab
 from .labplan import LabError
 from .netns import NetnsError
@@ -64,11 +65,7 @@ def require_kernel_features() -> None:
 
 
 def read_topology(path: str) -> tuple[Topology, Network]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise LabCommandError(f"cannot read {path}: {exc.strerror}") from None
-    topology = parse_topology_text(text, source=path)
+    topology = parse_topology_text(read_document_file(path), source=path)
     return topology, build_network(topology)
 
 

@@ -74,6 +74,8 @@ def protocol_name(number: int) -> str:
 
 
 def _ip_literal(text: str) -> IPAddress | None:
+    if "%" in text:  # no zone ids: an address with one is not an address of the model
+        return None
     try:
         return ipaddress.ip_address(text.strip())
     except ValueError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -293,7 +294,57 @@ class _DuplicateKey(Exception):
         super().__init__(f"the key {key!r} appears twice in one mapping{where}")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+@dataclass(frozen=True, slots=True)
+class DocumentLimits:
+    """Bounds on one input document (a topology file now, an API body later).
+
+    `max_bytes`: a 500 ENIs x 200 rules topology is 14.6 MB of YAML (the
+    scale model of tests/test_compiler.py; it parses in ~14 s here, JSON in
+    well under 1 s), so 32 MiB leaves room, refuses an endless or absurd input
+    before it is parsed, and bounds the parse time of the largest accepted
+    YAML file to about half a minute. `max_depth`: topology
+    documents are 6 levels deep; 64 refuses deliberate nesting long before
+    Python's recursion limit. `max_nodes`: values visited in the parsed
+    document, counting every use of a YAML alias again, so an alias bomb
+    (a few hundred bytes expanding to billions of values) is refused after
+    visiting at most this many; a 500 x 200 topology has 0.64 million.
+    """
+
+    max_bytes: int = 32 << 20
+    max_depth: int = 64
+    max_nodes: int = 3_000_000
+
+
+DEFAULT_LIMITS = DocumentLimits()
+
+
+def check_document_shape(data: Any, limits: DocumentLimits, source: str) -> None:
+    """Walk the parsed document once, iteratively (no recursion), within the limits."""
+    budget = limits.max_nodes
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise EcsError(
+                "InvalidParameter.TooManyValues",
+                f"{source} holds more than {limits.max_nodes} values "
+                "(YAML aliases count each time they are used)",
+            )
+        if isinstance(value, dict | list):
+            if depth > limits.max_depth:
+                raise EcsError(
+                    "InvalidParameter.TooDeep",
+                    f"{source} is nested deeper than {limits.max_depth} levels",
+                )
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items)
+
+
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present
+
+
+class _UniqueKeyLoader(_SafeLoader):  # type: ignore[misc]
     """SafeLoader that refuses a repeated key instead of keeping the last one silently."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -306,7 +357,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 line = key_node.start_mark.line + 1
                 raise _DuplicateKey(key, f" (line {line})")
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -318,8 +370,15 @@ def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_topology_text(text: str, *, source: str = "<topology>") -> Topology:
-    """Parse YAML or JSON text (JSON is YAML's subset, but try JSON first for its errors)."""
+def parse_document(
+    text: str, *, source: str = "<topology>", limits: DocumentLimits = DEFAULT_LIMITS
+) -> Any:
+    """YAML or JSON text to plain data, within `limits` (size, depth, values), or an
+    EcsError naming the limit (JSON is YAML's subset, but try JSON first for its errors)."""
+    if len(text) > limits.max_bytes:  # characters <= bytes: a cheap first check
+        raise EcsError(
+            "InvalidParameter.TooLarge", f"{source} is larger than {limits.max_bytes} bytes"
+        )
     stripped = text.lstrip()
     try:
         if stripped.startswith(("{", "[")):
@@ -330,4 +389,16 @@ def parse_topology_text(text: str, *, source: str = "<topology>") -> Topology:
         raise EcsError("InvalidParameter", f"{source} is not valid YAML or JSON: {exc}") from None
     except _DuplicateKey as exc:
         raise EcsError("InvalidParameter", f"{source}: {exc}") from None
-    return topology_from_data(data)
+    except RecursionError:
+        raise EcsError(
+            "InvalidParameter.TooDeep", f"{source} is nested deeper than {limits.max_depth} levels"
+        ) from None
+    check_document_shape(data, limits, source)
+    return data
+
+
+def parse_topology_text(
+    text: str, *, source: str = "<topology>", limits: DocumentLimits = DEFAULT_LIMITS
+) -> Topology:
+    """A topology from YAML or JSON text, within `limits`."""
+    return topology_from_data(parse_document(text, source=source, limits=limits))

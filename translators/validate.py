@@ -117,10 +117,22 @@ def parse_port_range(
     return None
 
 
+def strict_address_text(raw: str) -> str:
+    """The address text to parse: stripped, and without a zone id, which Python's
+    ipaddress accepts ("2001:db8::10%dup") and would keep as part of the address,
+    so that two spellings of one address would not compare equal."""
+    text = raw.strip()
+    if "%" in text:
+        raise ValueError(f"{raw!r} carries a zone id")
+    return text
+
+
 @functools.lru_cache(maxsize=65536)
 def _network_of(text: str) -> IPNetwork | None:
     # CIDRs repeat across rules and across every re-validation of a stored
     # model; ipaddress parsing is the costliest step of validating a rule.
+    if "%" in text:  # a zone id ("fe80::1%eth0") names no network: refused everywhere
+        return None
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
@@ -752,7 +764,7 @@ class _Builder:
         out6: list[ipaddress.IPv6Address] = []
         for raw, path in v4s:
             try:
-                a4 = ipaddress.IPv4Address(raw.strip())
+                a4 = ipaddress.IPv4Address(strict_address_text(raw))
             except ValueError:
                 raise EcsError(
                     "InvalidPrivateIpAddress.Malformed", f"{raw!r} is not an IPv4 address", path
@@ -767,7 +779,7 @@ class _Builder:
             out4.append(a4)
         for raw, path in v6s:
             try:
-                a6 = ipaddress.IPv6Address(raw.strip())
+                a6 = ipaddress.IPv6Address(strict_address_text(raw))
             except ValueError:
                 raise EcsError(
                     "InvalidIpv6Address.Malformed", f"{raw!r} is not an IPv6 address", path
@@ -1042,7 +1054,7 @@ class _Builder:
     ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         path = f"{host_path}.{'ip_address' if version == 4 else 'ipv6_address'}"
         try:
-            address = ipaddress.ip_address(raw.strip())
+            address = ipaddress.ip_address(strict_address_text(raw))
         except ValueError:
             address = None
         if address is None or address.version != version:
