@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nftsg.translators.compiler import compile_vpc
 from nftsg.translators.evaluator import Flow
 from nftsg.translators.model import topology_from_data
 from nftsg.translators.network import Network
@@ -125,7 +124,7 @@ class Agent:
         namespace_exists: Callable[[str], bool] = netns.exists,
         judge_flows: FlowJudge | None = prune_flows,
         list_flows: FlowLister | None = list_tracked_flows,
-        compile_program: Compile = compile_vpc,
+        compile_program: Compile | None = None,
         poll_interval: float = 0.05,
         verify_every: float = 5.0,
         selfcheck_every: float = 60.0,

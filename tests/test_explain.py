@@ -106,6 +106,15 @@ def test_cli_ipv6_family() -> None:
     assert result["ingress"]["rule"]["peer"] == "::/0"
 
 
+def one_line_error(stderr: str) -> dict[str, str]:
+    """`nftsg: CODE: message (at path)` -> its parts; errors are exactly one line."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    prefix, code, message = lines[0].split(": ", 2)
+    assert prefix == "nftsg"
+    return {"Code": code, "Message": message}
+
+
 @pytest.mark.parametrize(
     ("args", "code"),
     [
@@ -122,7 +131,7 @@ def test_cli_errors_exit_non_zero_with_the_ecs_code(args: tuple[str, ...], code:
     done = run(str(EXAMPLE), *args)
     assert done.returncode == 2
     assert done.stdout == ""
-    error = json.loads(done.stderr)
+    error = one_line_error(done.stderr)
     assert error["Code"].startswith(code)
     assert error["Message"]
 
@@ -130,17 +139,17 @@ def test_cli_errors_exit_non_zero_with_the_ecs_code(args: tuple[str, ...], code:
 def test_cli_unreadable_or_invalid_file_and_missing_file_argument(tmp_path: Path) -> None:
     missing = run(str(tmp_path / "absent.yaml"), "--from", "a", "--to", "b", "--protocol", "ICMP")
     assert missing.returncode == 2
-    assert "absent.yaml" in json.loads(missing.stderr)["Message"]
+    assert "absent.yaml" in one_line_error(missing.stderr)["Message"]
 
     broken = tmp_path / "broken.yaml"
     broken.write_text("vpcs:\n  - vpc_id: vpc-x\n    cidr_block: not-a-cidr\n", encoding="utf-8")
     invalid = run(str(broken), "--from", "a", "--to", "b", "--protocol", "ICMP")
     assert invalid.returncode == 2
-    assert json.loads(invalid.stderr)["Code"] == "InvalidCidrBlock.Malformed"
+    assert one_line_error(invalid.stderr)["Code"] == "InvalidCidrBlock.Malformed"
 
     no_file = run("--from", "i-web1", "--to", "i-web2", "--protocol", "ICMP")
     assert no_file.returncode == 2
-    assert json.loads(no_file.stderr)["Code"] == "AgentNotRunning"
+    assert one_line_error(no_file.stderr)["Code"] == "AgentNotRunning"
 
 
 # -- name resolution (in process) --------------------------------------------------------------
