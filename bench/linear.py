@@ -45,7 +45,7 @@ def _addrs(net: Network, rule: Rule, family: int) -> list[str] | None:
 
 def _rule_text(net: Network, rule: Rule, family: int) -> str | None:
     l3 = "ip" if family == 4 else "ip6"
-    if rule.protocol == "ICMP" and family == 6 or rule.protocol == "ICMPv6" and family == 4:
+    if (rule.protocol == "ICMP" and family == 6) or (rule.protocol == "ICMPv6" and family == 4):
         return None
     parts = [f"meta nfproto {'ipv4' if family == 4 else 'ipv6'}"]
     addrs = _addrs(net, rule, family)

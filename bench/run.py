@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         loadgen = traffic.build_loadgen(work)
         result: dict[str, Any] = {
             "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "commit": _commit(), "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
             "settings": {"reps": args.reps, "conn_seconds": args.conn_seconds,
                          "iperf_seconds": args.iperf_seconds,
