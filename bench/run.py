@@ -75,8 +75,10 @@ def stats(values: list[float], base: float | None) -> dict[str, Any]:
 class Rulesets:
     """Puts one of the four configurations in force in the router, removing the others."""
 
-    def __init__(self, router: str) -> None:
+    def __init__(self, router: str, linear_full_max: int) -> None:
         self.router = router
+        self.linear_full_max = linear_full_max
+        self.linear_scope = ""
         self.backend = NftBackend()
 
     def clear(self) -> None:
@@ -90,7 +92,11 @@ class Rulesets:
         if config == "conntrack":
             linear.load_text(self.router, linear.conntrack_only_text())
         elif config == "linear":
-            linear.load_text(self.router, linear.linear_text(net, model.VPC))
+            full = None
+            if sum(len(g.rules) for g in net.groups.values()) > self.linear_full_max:
+                full = frozenset({model.client_eni(net), model.server_eni(net)})
+            self.linear_scope = "all ENIs" if full is None else "probed ENIs"
+            linear.load_text(self.router, linear.linear_text(net, model.VPC, full))
         elif config == "nftsg":
             program = compile_all(net)[model.VPC]
             self.backend.apply(self.router, program.full_sync_commands())
@@ -126,7 +132,7 @@ def bench_matrix(args: argparse.Namespace, prefix: str, loadgen: str) -> dict[st
                 lb = [traffic.loopback_rate(loadgen, client, args.conn_seconds)
                       for _ in range(args.reps)]
                 loopback = stats(lb, None)
-            rulesets = Rulesets(router)
+            rulesets = Rulesets(router, args.linear_full_max)
             try:
                 for r in rule_counts:
                     points.append(bench_point(args, rulesets, n_enis, r, client, server, loadgen))
@@ -162,7 +168,7 @@ def bench_point(args: argparse.Namespace, rulesets: Rulesets, n_enis: int, rules
     return {
         "enis": n_enis, "rules_per_eni": rules,
         "total_rules": sum(len(g.rules) for g in net.groups.values()),
-        "probed_flow": probed, "configs": configs,
+        "probed_flow": probed, "configs": configs, "linear_rules_of": rulesets.linear_scope,
         "nftsg_vs_conntrack_conn": nft_c / configs["conntrack"]["conn_per_s"]["median"],
         "nftsg_vs_linear_conn": nft_c / configs["linear"]["conn_per_s"]["median"],
         "seconds": time.perf_counter() - started,
@@ -328,6 +334,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--extra", type=_sizes, default=[],
                     help="more NxR points, e.g. 10x10000 (10x the rule quota)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--linear-full-max", type=int, default=20000,
+                    help="above this many rules, the linear ruleset holds only the probed "
+                    "ENIs' rules (nft needs minutes for 10^5 rules)")
     ap.add_argument("--conn-seconds", type=float, default=1.0)
     ap.add_argument("--iperf-seconds", type=int, default=1)
     ap.add_argument("--load", type=_sizes, default=[(200, 200), (500, 200)],
