@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-apt_packages=(nftables python3-nftables conntrack iproute2 python3-venv iputils-ping procps iperf3)
+apt_packages=(nftables python3-nftables conntrack iproute2 python3-venv iputils-ping procps iperf3 gcc)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
