@@ -8,12 +8,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from nftsg.translators import model as m
 from nftsg.translators.actions import Model
 from nftsg.translators.errors import EcsError
 from nftsg.translators.validate import build_network
-
 from test_compiler import scale_topology
 
 NOW = "2026-12-03T09:00:00Z"
@@ -24,8 +22,12 @@ def small_model(n_groups: int = 4, n_enis: int = 6, rules: int = 6) -> Model:
 
 
 def perm(port: int, **extra: Any) -> dict[str, Any]:
-    return {"IpProtocol": "TCP", "PortRange": f"{port}/{port}", "SourceCidrIp": "10.9.0.0/16",
-            **extra}
+    return {
+        "IpProtocol": "TCP",
+        "PortRange": f"{port}/{port}",
+        "SourceCidrIp": "10.9.0.0/16",
+        **extra,
+    }
 
 
 def check_equivalent(model: Model) -> None:
@@ -36,16 +38,19 @@ def test_authorize_adds_rule_and_is_idempotent() -> None:
     model = small_model()
     gid = next(iter(model.network.groups))
     before = len(model.network.groups[gid].rules)
-    new, out = model.perform("AuthorizeSecurityGroup",
-                             {"SecurityGroupId": gid, "Permissions": [perm(4242)]}, now=NOW)
+    new, out = model.perform(
+        "AuthorizeSecurityGroup", {"SecurityGroupId": gid, "Permissions": [perm(4242)]}, now=NOW
+    )
     assert len(new.network.groups[gid].rules) == before + 1
     assert out.change is not None and gid in out.change.groups
     check_equivalent(new)
-    again, out2 = new.perform("AuthorizeSecurityGroup",
-                              {"SecurityGroupId": gid, "Permissions": [perm(4242)]}, now=NOW)
+    again, _ = new.perform(
+        "AuthorizeSecurityGroup", {"SecurityGroupId": gid, "Permissions": [perm(4242)]}, now=NOW
+    )
     assert again.network == new.network
-    described = again.perform("DescribeSecurityGroupAttribute", {"SecurityGroupId": gid},
-                              now=NOW)[1].response
+    described = again.perform("DescribeSecurityGroupAttribute", {"SecurityGroupId": gid}, now=NOW)[
+        1
+    ].response
     ports = [p["PortRange"] for p in described["Permissions"]["Permission"]]
     assert ports.count("4242/4242") == 1
 
@@ -55,44 +60,92 @@ def test_authorize_adds_rule_and_is_idempotent() -> None:
     [
         ("Nope", {}, "InvalidAction.NotFound"),
         ("AuthorizeSecurityGroup", {"Permissions": [perm(1)]}, "MissingParameter.SecurityGroupId"),
-        ("AuthorizeSecurityGroup", {"SecurityGroupId": "sg-none", "Permissions": [perm(1)]},
-         "InvalidSecurityGroupId.NotFound"),
-        ("AuthorizeSecurityGroup", {"SecurityGroupId": "G", "Permissions": [perm(1), perm(1)]},
-         "InvalidParam.DuplicatePermissions"),
-        ("AuthorizeSecurityGroup", {"SecurityGroupId": "G",
-                                    "Permissions": [perm(p) for p in range(1, 102)]},
-         "InvalidParam.PermissionsCount"),
+        (
+            "AuthorizeSecurityGroup",
+            {"SecurityGroupId": "sg-none", "Permissions": [perm(1)]},
+            "InvalidSecurityGroupId.NotFound",
+        ),
+        (
+            "AuthorizeSecurityGroup",
+            {"SecurityGroupId": "G", "Permissions": [perm(1), perm(1)]},
+            "InvalidParam.DuplicatePermissions",
+        ),
+        (
+            "AuthorizeSecurityGroup",
+            {"SecurityGroupId": "G", "Permissions": [perm(p) for p in range(1, 102)]},
+            "InvalidParam.PermissionsCount",
+        ),
         ("AuthorizeSecurityGroup", {"SecurityGroupId": "G"}, "MissingParameter.Permissions"),
-        ("AuthorizeSecurityGroup", {"SecurityGroupId": "G", "Permissions": [{"PortRange": "1/1"}]},
-         "MissingParameter.IpProtocol"),
-        ("AuthorizeSecurityGroup", {"SecurityGroupId": "G",
-                                    "Permissions": [perm(1, PortRange="9/1")]},
-         "InvalidPortRange.Malformed"),
-        ("RevokeSecurityGroup", {"SecurityGroupId": "G", "SecurityGroupRuleId": ["sgr-x"]},
-         "InvalidParam.SecurityGroupRuleId"),
-        ("RevokeSecurityGroup", {"SecurityGroupId": "G", "SecurityGroupRuleId": ["R", "R"]},
-         "InvalidParam.SecurityGroupRuleIdRepeated"),
-        ("RevokeSecurityGroup", {"SecurityGroupId": "G", "SecurityGroupRuleId": ["R"],
-                                 "Permissions": [perm(1)]}, "InvalidParameter"),
-        ("ModifySecurityGroupPolicy", {"SecurityGroupId": "G", "InnerAccessPolicy": "x"},
-         "InvalidInnerAccessPolicy.Malformed"),
-        ("ModifySecurityGroupPolicy", {"SecurityGroupId": "ADV", "InnerAccessPolicy": "Accept"},
-         "InvalidInnerAccessPolicy.NotSupported"),
-        ("JoinSecurityGroup", {"SecurityGroupId": "G", "NetworkInterfaceId": "MEMBER"},
-         "InvalidInstanceId.AlreadyExists"),
-        ("JoinSecurityGroup", {"SecurityGroupId": "ADV", "NetworkInterfaceId": "MEMBER"},
-         "InvalidSecurityGroupType.Mixed"),
-        ("JoinSecurityGroup", {"SecurityGroupId": "G", "InstanceId": "i-none"},
-         "InvalidInstanceId.NotFound"),
-        ("JoinSecurityGroup", {"SecurityGroupId": "G", "NetworkInterfaceId": "eni-none"},
-         "InvalidEniId.NotFound"),
-        ("LeaveSecurityGroup", {"SecurityGroupId": "G", "NetworkInterfaceId": "OUTSIDER"},
-         "InstanceNotInSecurityGroup"),
-        ("LeaveSecurityGroup", {"SecurityGroupId": "G", "NetworkInterfaceId": "LONE"},
-         "InstanceLastSecurityGroup"),
-        ("ModifyNetworkInterfaceAttribute", {"NetworkInterfaceId": "MEMBER",
-                                             "SecurityGroupId": ["G", "G"]},
-         "InvalidSecurityGroupId.Duplicate"),
+        (
+            "AuthorizeSecurityGroup",
+            {"SecurityGroupId": "G", "Permissions": [{"PortRange": "1/1"}]},
+            "MissingParameter.IpProtocol",
+        ),
+        (
+            "AuthorizeSecurityGroup",
+            {"SecurityGroupId": "G", "Permissions": [perm(1, PortRange="9/1")]},
+            "InvalidPortRange.Malformed",
+        ),
+        (
+            "RevokeSecurityGroup",
+            {"SecurityGroupId": "G", "SecurityGroupRuleId": ["sgr-x"]},
+            "InvalidParam.SecurityGroupRuleId",
+        ),
+        (
+            "RevokeSecurityGroup",
+            {"SecurityGroupId": "G", "SecurityGroupRuleId": ["R", "R"]},
+            "InvalidParam.SecurityGroupRuleIdRepeated",
+        ),
+        (
+            "RevokeSecurityGroup",
+            {"SecurityGroupId": "G", "SecurityGroupRuleId": ["R"], "Permissions": [perm(1)]},
+            "InvalidParameter",
+        ),
+        (
+            "ModifySecurityGroupPolicy",
+            {"SecurityGroupId": "G", "InnerAccessPolicy": "x"},
+            "InvalidInnerAccessPolicy.Malformed",
+        ),
+        (
+            "ModifySecurityGroupPolicy",
+            {"SecurityGroupId": "ADV", "InnerAccessPolicy": "Accept"},
+            "InvalidInnerAccessPolicy.NotSupported",
+        ),
+        (
+            "JoinSecurityGroup",
+            {"SecurityGroupId": "G", "NetworkInterfaceId": "MEMBER"},
+            "InvalidInstanceId.AlreadyExists",
+        ),
+        (
+            "JoinSecurityGroup",
+            {"SecurityGroupId": "ADV", "NetworkInterfaceId": "MEMBER"},
+            "InvalidSecurityGroupType.Mixed",
+        ),
+        (
+            "JoinSecurityGroup",
+            {"SecurityGroupId": "G", "InstanceId": "i-none"},
+            "InvalidInstanceId.NotFound",
+        ),
+        (
+            "JoinSecurityGroup",
+            {"SecurityGroupId": "G", "NetworkInterfaceId": "eni-none"},
+            "InvalidEniId.NotFound",
+        ),
+        (
+            "LeaveSecurityGroup",
+            {"SecurityGroupId": "G", "NetworkInterfaceId": "OUTSIDER"},
+            "InstanceNotInSecurityGroup",
+        ),
+        (
+            "LeaveSecurityGroup",
+            {"SecurityGroupId": "G", "NetworkInterfaceId": "LONE"},
+            "InstanceLastSecurityGroup",
+        ),
+        (
+            "ModifyNetworkInterfaceAttribute",
+            {"NetworkInterfaceId": "MEMBER", "SecurityGroupId": ["G", "G"]},
+            "InvalidSecurityGroupId.Duplicate",
+        ),
     ],
 )
 def test_rejections_change_nothing(action: str, params: dict[str, Any], code: str) -> None:
@@ -100,12 +153,23 @@ def test_rejections_change_nothing(action: str, params: dict[str, Any], code: st
     net = model.network
     basic = [g for g in net.groups.values() if g.is_basic]
     adv = next(g for g in net.groups.values() if not g.is_basic)
-    g = next(g for g in basic if any(len(net.enis[e].group_ids) == 1 for e in net.members(g.group_id)))
+    g = next(
+        g for g in basic if any(len(net.enis[e].group_ids) == 1 for e in net.members(g.group_id))
+    )
     lone = next(e for e in net.members(g.group_id) if len(net.enis[e].group_ids) == 1)
-    outsider = next(e for e in net.enis.values()
-                    if g.group_id not in e.group_ids and adv.group_id not in e.group_ids)
-    names = {"G": g.group_id, "ADV": adv.group_id, "MEMBER": lone, "LONE": lone,
-             "OUTSIDER": outsider.eni_id, "R": next(r.rule_id for r in g.rules if r.direction == "ingress")}
+    outsider = next(
+        e
+        for e in net.enis.values()
+        if g.group_id not in e.group_ids and adv.group_id not in e.group_ids
+    )
+    names = {
+        "G": g.group_id,
+        "ADV": adv.group_id,
+        "MEMBER": lone,
+        "LONE": lone,
+        "OUTSIDER": outsider.eni_id,
+        "R": next(r.rule_id for r in g.rules if r.direction == "ingress"),
+    }
 
     def sub(v: Any) -> Any:
         if isinstance(v, str):
@@ -125,13 +189,18 @@ def random_step(model: Model, draw: Any) -> tuple[str, dict[str, Any]]:
     gids = sorted(net.groups)
     enis = sorted(net.enis)
     gid = draw(st.sampled_from(gids))
-    kind = draw(st.sampled_from(["auth", "auth_e", "revoke_id", "revoke_spec", "policy",
-                                 "join", "leave", "modify_eni"]))
+    kind = draw(
+        st.sampled_from(
+            ["auth", "auth_e", "revoke_id", "revoke_spec", "policy", "join", "leave", "modify_eni"]
+        )
+    )
     if kind in ("auth", "auth_e"):
         side = "Source" if kind == "auth" else "Dest"
         peer = draw(st.sampled_from(["cidr", "group"]))
-        p: dict[str, Any] = {"IpProtocol": draw(st.sampled_from(["TCP", "UDP", "ICMP"])),
-                             "Priority": str(draw(st.integers(1, 3)))}
+        p: dict[str, Any] = {
+            "IpProtocol": draw(st.sampled_from(["TCP", "UDP", "ICMP"])),
+            "Priority": str(draw(st.integers(1, 3))),
+        }
         p["PortRange"] = f"{draw(st.integers(1, 5))}/{draw(st.integers(5, 9))}"
         if p["IpProtocol"] == "ICMP":
             p["PortRange"] = "-1/-1"
@@ -146,16 +215,22 @@ def random_step(model: Model, draw: Any) -> tuple[str, dict[str, Any]]:
         rid = draw(st.sampled_from([r.rule_id for r in rules] or ["sgr-none"]))
         return "RevokeSecurityGroup", {"SecurityGroupId": gid, "SecurityGroupRuleId": [rid]}
     if kind == "revoke_spec":
-        return "RevokeSecurityGroupEgress", {"SecurityGroupId": gid, "Permissions": [
-            {"IpProtocol": "ALL", "PortRange": "-1/-1", "DestCidrIp": "0.0.0.0/0"}]}
+        return "RevokeSecurityGroupEgress", {
+            "SecurityGroupId": gid,
+            "Permissions": [{"IpProtocol": "ALL", "PortRange": "-1/-1", "DestCidrIp": "0.0.0.0/0"}],
+        }
     if kind == "policy":
         return "ModifySecurityGroupPolicy", {
-            "SecurityGroupId": gid, "InnerAccessPolicy": draw(st.sampled_from(["Accept", "Drop"]))}
+            "SecurityGroupId": gid,
+            "InnerAccessPolicy": draw(st.sampled_from(["Accept", "Drop"])),
+        }
     eni = draw(st.sampled_from(enis))
     if kind == "modify_eni":
         ids = draw(st.lists(st.sampled_from(gids), min_size=1, max_size=3, unique=True))
-        return "ModifyNetworkInterfaceAttribute", {"NetworkInterfaceId": eni,
-                                                   "SecurityGroupId": ids}
+        return "ModifyNetworkInterfaceAttribute", {
+            "NetworkInterfaceId": eni,
+            "SecurityGroupId": ids,
+        }
     action = "JoinSecurityGroup" if kind == "join" else "LeaveSecurityGroup"
     return action, {"SecurityGroupId": gid, "NetworkInterfaceId": eni}
 

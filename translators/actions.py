@@ -42,6 +42,7 @@ from .network import (
     CidrPeer,
     Eni,
     GroupPeer,
+    InnerPolicy,
     Network,
     PrefixListPeer,
     Rule,
@@ -113,9 +114,7 @@ def permission_of(rule: Rule) -> m.Permission:
     elif isinstance(peer, GroupPeer):
         values["source_group_id" if ingress else "dest_group_id"] = peer.group_id
     else:
-        values["source_prefix_list_id" if ingress else "dest_prefix_list_id"] = (
-            peer.prefix_list_id
-        )
+        values["source_prefix_list_id" if ingress else "dest_prefix_list_id"] = peer.prefix_list_id
     if rule.local is not None:
         name = ("dest" if ingress else "source") + "_cidr_ip"
         values[name if rule.local.version == 4 else "ipv6_" + name] = str(rule.local)
@@ -220,9 +219,7 @@ def _rule_json(rule: Rule, network: Network, create_time: str) -> dict[str, Any]
         pl = network.prefix_lists.get(peer.prefix_list_id)
         out[f"{side}PrefixListName"] = pl.name if pl else ""
     if rule.local is not None:
-        out[f"{local}CidrIp" if rule.local.version == 4 else f"Ipv6{local}CidrIp"] = str(
-            rule.local
-        )
+        out[f"{local}CidrIp" if rule.local.version == 4 else f"Ipv6{local}CidrIp"] = str(rule.local)
     return out
 
 
@@ -415,15 +412,14 @@ class Model:
         return self, Outcome(self.topology, self.network, response, None)
 
     # -- actions ----------------------------------------------------------
-    def perform(
-        self, action: str, params: Mapping[str, Any], *, now: str
-    ) -> tuple[Model, Outcome]:
+    def perform(self, action: str, params: Mapping[str, Any], *, now: str) -> tuple[Model, Outcome]:
         handler = _ACTIONS.get(action)
         if handler is None:
             raise EcsError(
                 "InvalidAction.NotFound", f"the action {action!r} is not supported", "Action"
             )
-        return handler(self, params, now)
+        outcome: tuple[Model, Outcome] = handler(self, params, now)
+        return outcome
 
     def authorize(
         self, params: Mapping[str, Any], now: str, direction: str
@@ -449,15 +445,18 @@ class Model:
             if ident not in existing:  # an identical rule again adds nothing
                 fresh.append((rule, perm))
         missing_defaults = {
-            gid: vpc for gid, vpc in checker.default_groups_needed.items()
+            gid: vpc
+            for gid, vpc in checker.default_groups_needed.items()
             if gid not in self.network.groups
         }
         if not fresh:
             return self._outcome(self, {}, Change())
         rules = list(group.rules)
-        docs = list(self.raw_groups[group.group_id][1].permissions) if (
-            group.group_id in self.raw_groups
-        ) else [permission_of(r) for r in rules]
+        docs = (
+            list(self.raw_groups[group.group_id][1].permissions)
+            if (group.group_id in self.raw_groups)
+            else [permission_of(r) for r in rules]
+        )
         taken = {r.rule_id for r in rules}
         times = dict(self.create_times.get(group.group_id, {}))
         for salt, (rule, _perm) in enumerate(fresh):
@@ -530,9 +529,9 @@ class Model:
                 rule = checker.build_rule(
                     group.group_id, group.group_type, group.vpc_id, perm, f"Permissions.{i + 1}"
                 )
-                rid = by_ident.get(rule.identity())
-                if rid is not None:  # a spec matching nothing is a silent success
-                    drop.add(rid)
+                match = by_ident.get(rule.identity())
+                if match is not None:  # a spec matching nothing is a silent success
+                    drop.add(match)
         if not drop:
             return self._outcome(self, {}, Change())
         doc = self._doc_of(group)
@@ -560,7 +559,7 @@ class Model:
                 "an advanced (enterprise) group always isolates its members",
                 "InnerAccessPolicy",
             )
-        policy = "Accept" if raw == "accept" else "Drop"
+        policy: InnerPolicy = "Accept" if raw == "accept" else "Drop"
         if policy == group.inner_access_policy:
             return self._outcome(self, {}, Change())
         new_group = replace(group, inner_access_policy=policy)
@@ -627,7 +626,8 @@ class Model:
             group = self.network.groups.get(gid)
             if group is None:
                 raise EcsError(
-                    "InvalidSecurityGroupId.NotFound", f"security group {gid} does not exist",
+                    "InvalidSecurityGroupId.NotFound",
+                    f"security group {gid} does not exist",
                     "SecurityGroupId",
                 )
             if group.vpc_id != eni.vpc_id:
