@@ -44,6 +44,10 @@ def steps(model: Model, i: int) -> dict[str, tuple[str, dict[str, Any]]]:
             "RevokeSecurityGroup",
             {"SecurityGroupId": gid, "SecurityGroupRuleId": [rule.rule_id]},
         ),
+        "ModifyRule": (
+            "ModifySecurityGroupRule",
+            {"SecurityGroupId": gid, "SecurityGroupRuleId": rule.rule_id, "Description": f"d{i}"},
+        ),
         "ModifyPolicy": (
             "ModifySecurityGroupPolicy",
             {

@@ -191,7 +191,19 @@ def random_step(model: Model, draw: Any) -> tuple[str, dict[str, Any]]:
     gid = draw(st.sampled_from(gids))
     kind = draw(
         st.sampled_from(
-            ["auth", "auth_e", "revoke_id", "revoke_spec", "policy", "join", "leave", "modify_eni"]
+            [
+                "auth",
+                "auth_e",
+                "revoke_id",
+                "revoke_spec",
+                "policy",
+                "join",
+                "leave",
+                "modify_eni",
+                "create",
+                "delete",
+                "modify_rule",
+            ]
         )
     )
     if kind in ("auth", "auth_e"):
@@ -224,6 +236,22 @@ def random_step(model: Model, draw: Any) -> tuple[str, dict[str, Any]]:
             "SecurityGroupId": gid,
             "InnerAccessPolicy": draw(st.sampled_from(["Accept", "Drop"])),
         }
+    if kind == "create":
+        return "CreateSecurityGroup", {
+            "VpcId": "vpc-scale",
+            "SecurityGroupType": draw(st.sampled_from(["normal", "enterprise"])),
+        }
+    if kind == "delete":
+        return "DeleteSecurityGroup", {"SecurityGroupId": gid}
+    if kind == "modify_rule":
+        rules = [r for r in net.groups[gid].rules if r.direction == "ingress"]
+        rid = draw(st.sampled_from([r.rule_id for r in rules] or ["sgr-none"]))
+        return "ModifySecurityGroupRule", {
+            "SecurityGroupId": gid,
+            "SecurityGroupRuleId": rid,
+            "Priority": str(draw(st.integers(1, 3))),
+            "Policy": draw(st.sampled_from(["accept", "drop"])),
+        }
     eni = draw(st.sampled_from(enis))
     if kind == "modify_eni":
         ids = draw(st.lists(st.sampled_from(gids), min_size=1, max_size=3, unique=True))
@@ -235,7 +263,7 @@ def random_step(model: Model, draw: Any) -> tuple[str, dict[str, Any]]:
     return action, {"SecurityGroupId": gid, "NetworkInterfaceId": eni}
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_incremental_equals_full_validation(data: st.DataObject) -> None:
     model = small_model()
@@ -249,3 +277,100 @@ def test_incremental_equals_full_validation(data: st.DataObject) -> None:
             continue
         assert outcome.network is model.network
         assert build_network(outcome.topology, model.quotas) == model.network
+
+
+def test_create_modify_delete_group_and_sdk_shapes() -> None:
+    from alibabacloud_ecs20140526 import models as sdk
+
+    model = small_model()
+    model, out = model.perform(
+        "CreateSecurityGroup", {"VpcId": "vpc-scale", "SecurityGroupName": "web"}, now=NOW
+    )
+    gid = out.response["SecurityGroupId"]
+    assert sdk.CreateSecurityGroupResponseBody().from_map(out.response).security_group_id == gid
+    assert model.network.groups[gid].rules == ()
+    assert model.network.groups[gid].inner_access_policy == "Accept"
+    other = next(g for g in model.network.groups if g != gid and model.network.groups[g].is_basic)
+    model, _ = model.perform(
+        "AuthorizeSecurityGroup",
+        {"SecurityGroupId": other, "Permissions": [perm(80, SourceCidrIp=None, SourceGroupId=gid)]},
+        now=NOW,
+    )
+    with pytest.raises(EcsError) as caught:
+        model.perform("DeleteSecurityGroup", {"SecurityGroupId": gid}, now=NOW)
+    assert caught.value.code == "DependencyViolation"
+    refs = model.perform("DescribeSecurityGroupReferences", {"SecurityGroupId": [gid]}, now=NOW)
+    body = sdk.DescribeSecurityGroupReferencesResponseBody().from_map(refs[1].response)
+    ref = body.security_group_references.security_group_reference[0]
+    assert [
+        r.security_group_id for r in ref.referencing_security_groups.referencing_security_group
+    ] == [other]
+    model, _ = model.perform(
+        "AuthorizeSecurityGroup", {"SecurityGroupId": gid, "Permissions": [perm(22)]}, now=NOW
+    )
+    rule = model.network.groups[gid].rules[0]
+    model, _ = model.perform(
+        "ModifySecurityGroupRule",
+        {"SecurityGroupId": gid, "SecurityGroupRuleId": rule.rule_id, "PortRange": "23/23"},
+        now=NOW,
+    )
+    check_equivalent(model)
+    with pytest.raises(EcsError) as caught:
+        model.perform(
+            "ModifySecurityGroupRule",
+            {
+                "SecurityGroupId": gid,
+                "SecurityGroupRuleId": rule.rule_id,
+                "SourceCidrIp": "",
+                "Ipv6SourceCidrIp": "2001:db8::/32",
+            },
+            now=NOW,
+        )
+    assert caught.value.code == "InvalidParameter"
+    attr = model.perform("DescribeSecurityGroupAttribute", {"SecurityGroupId": gid}, now=NOW)
+    body2 = sdk.DescribeSecurityGroupAttributeResponseBody().from_map(attr[1].response)
+    (p,) = body2.permissions.permission
+    assert (p.security_group_rule_id, p.port_range, p.source_cidr_ip, p.create_time) == (
+        rule.rule_id,
+        "23/23",
+        "10.9.0.0/16",
+        NOW,
+    )
+    model, _ = model.perform(
+        "RevokeSecurityGroup",
+        {"SecurityGroupId": other, "Permissions": [perm(80, SourceCidrIp=None, SourceGroupId=gid)]},
+        now=NOW,
+    )
+    model, out = model.perform("DeleteSecurityGroup", {"SecurityGroupId": gid}, now=NOW)
+    assert gid not in model.network.groups
+    check_equivalent(model)
+
+
+def test_managed_group_refuses_writes_and_quotas_are_enforced() -> None:
+    from nftsg.translators.quotas import Quotas
+
+    data = scale_topology(4, 6, 6, seed=3)
+    data["security_groups"][0]["service_managed"] = True
+    gid = data["security_groups"][0]["security_group_id"]
+    model = Model.load(m.topology_from_data(data), Quotas(rules_per_group=8))
+    with pytest.raises(EcsError) as caught:
+        model.perform(
+            "ModifySecurityGroupPolicy",
+            {"SecurityGroupId": gid, "InnerAccessPolicy": "Drop"},
+            now=NOW,
+        )
+    assert caught.value.code == "InvalidOperation.ResourceManagedByCloudProduct"
+    other = data["security_groups"][1]["security_group_id"]
+    room = 8 - len(model.network.groups[other].rules)
+    model.perform(
+        "AuthorizeSecurityGroup",
+        {"SecurityGroupId": other, "Permissions": [perm(p) for p in range(1, room + 1)]},
+        now=NOW,
+    )
+    with pytest.raises(EcsError) as caught:
+        model.perform(
+            "AuthorizeSecurityGroup",
+            {"SecurityGroupId": other, "Permissions": [perm(p) for p in range(1, room + 2)]},
+            now=NOW,
+        )
+    assert caught.value.code == "AuthorizationLimitExceed"

@@ -42,6 +42,7 @@ from .network import (
     CidrPeer,
     Eni,
     GroupPeer,
+    GroupType,
     InnerPolicy,
     Network,
     PrefixListPeer,
@@ -734,6 +735,147 @@ class Model:
                 )
         return self._set_groups(eni, tuple(ids))
 
+    def create_group(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        vpc_id = _required(params, "VpcId")
+        if vpc_id not in self.network.vpcs:
+            raise EcsError("InvalidVpcId.NotFound", f"VPC {vpc_id} does not exist", "VpcId")
+        raw_type = str(params.get("SecurityGroupType") or "normal").strip().lower()
+        if raw_type not in ("normal", "enterprise"):
+            raise EcsError(
+                "InvalidSecurityGroupType.Malformed",
+                "SecurityGroupType is normal or enterprise",
+                "SecurityGroupType",
+            )
+        gtype: GroupType = "normal" if raw_type == "normal" else "enterprise"
+        name = str(params.get("SecurityGroupName") or "")
+        tags = params.get("Tag") or []
+        gid = "sg-" + _digest(f"{vpc_id}|{name}|{self.counter}")
+        group = SecurityGroup(
+            group_id=gid,
+            vpc_id=vpc_id,
+            group_type=gtype,
+            inner_access_policy="Accept" if gtype == "normal" else "Drop",
+            rules=(),
+            name=name,
+            description=str(params.get("Description") or ""),
+            tags=tuple(sorted((str(t["Key"]), str(t.get("Value", ""))) for t in tags)),
+        )
+        model, _, _ = self._with_group(group, {})
+        return self._outcome(model, {"SecurityGroupId": gid}, self._change(group))
+
+    def delete_group(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        group = self._group(params, write=True)
+        gid = group.group_id
+        if self.network.members(gid):
+            raise EcsError(
+                "DependencyViolation",
+                f"security group {gid} still has members",
+                "SecurityGroupId",
+            )
+        referencing = _referencing(self.network, gid)
+        if referencing:
+            raise EcsError(
+                "DependencyViolation",
+                f"security group {gid} is referenced by {', '.join(referencing)}",
+                "SecurityGroupId",
+            )
+        docs = tuple(d for d in self.topology.security_groups if d.security_group_id != gid)
+        topology = self.topology.model_copy(update={"security_groups": docs})
+        groups = {k: v for k, v in self.network.groups.items() if k != gid}
+        network = _network(self.network, groups=groups)
+        network._members.pop(gid, None)
+        network._member_addresses.pop(gid, None)
+        model = replace(
+            self,
+            topology=topology,
+            network=network,
+            raw_groups={d.security_group_id: (i, d) for i, d in enumerate(docs)},
+            weights={k: v for k, v in self.weights.items() if k != gid},
+            create_times={k: v for k, v in self.create_times.items() if k != gid},
+            counter=self.counter + 1,
+        )
+        return self._outcome(model, {}, self._change(group))
+
+    def modify_rule(
+        self, params: Mapping[str, Any], now: str, direction: str
+    ) -> tuple[Model, Outcome]:
+        group = self._group(params, write=True)
+        rid = _required(params, "SecurityGroupRuleId")
+        index = next(
+            (k for k, r in enumerate(group.rules) if r.rule_id == rid and r.direction == direction),
+            None,
+        )
+        if index is None:
+            raise EcsError(
+                "InvalidParam.SecurityGroupRuleId",
+                f"{group.group_id} has no {direction} rule {rid}",
+                "SecurityGroupRuleId",
+            )
+        old = group.rules[index]
+        values = permission_of(old).model_dump()
+        values.pop("security_group_rule_id")
+        for key, value in params.items():
+            name = _PERMISSION_FIELDS.get(key)
+            if name is not None and value is not None:
+                values[name] = value
+        try:
+            perm = m.Permission.model_validate(values)
+        except ValidationError as exc:
+            raise EcsError("InvalidParameter", str(exc.errors()[0]["msg"]), "Permission") from None
+        checker = rule_checker(self.network, self.raw_groups, self.quotas)
+        rule = checker.build_rule(group.group_id, group.group_type, group.vpc_id, perm, "")
+        if rule.peer.kind != old.peer.kind:
+            raise EcsError(
+                "InvalidParameter",
+                f"a rule's peer kind ({old.peer.kind}) cannot change to {rule.peer.kind}",
+                "SecurityGroupRuleId",
+            )
+        rule = replace(rule, rule_id=rid)
+        rules = list(group.rules)
+        del rules[index]
+        if any(r.identity() == rule.identity() for r in rules):
+            raise EcsError(
+                "InvalidParam.DuplicatePermissions",
+                "the modified rule would repeat another rule of the group",
+                "SecurityGroupRuleId",
+            )
+        docs = list(self._doc_of(group).permissions)
+        del docs[index]
+        at = bisect.bisect(rules, rule_sort_key(rule), key=rule_sort_key)
+        rules.insert(at, rule)
+        docs.insert(at, permission_of(rule))
+        new_group = replace(group, rules=tuple(rules))
+        self._check_group_quotas(new_group)
+        missing = {
+            g: v for g, v in checker.default_groups_needed.items() if g not in self.network.groups
+        }
+        model = self
+        for g, v in missing.items():
+            model = model._add_default_group(g, v)
+        doc = model._doc_of(group).model_copy(update={"permissions": tuple(docs)})
+        model, _, _ = model._with_group_doc(new_group, doc)
+        return self._outcome(model, {}, self._change(group))
+
+    def describe_references(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        ids = _id_list(params, "SecurityGroupId")
+        if not ids:
+            raise EcsError(
+                "MissingParameter.SecurityGroupId", "SecurityGroupId is required", "SecurityGroupId"
+            )
+        refs = [
+            {
+                "SecurityGroupId": gid,
+                "ReferencingSecurityGroups": {
+                    "ReferencingSecurityGroup": [
+                        {"SecurityGroupId": r, "AliUid": ""}
+                        for r in _referencing(self.network, gid)
+                    ]
+                },
+            }
+            for gid in ids
+        ]
+        return self._read({"SecurityGroupReferences": {"SecurityGroupReference": refs}})
+
     def describe_attribute(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
         group = self._group(params, write=False)
         direction = str(params.get("Direction") or "all").lower()
@@ -754,6 +896,16 @@ class Model:
                 "Permissions": {"Permission": perms},
             }
         )
+
+
+def _referencing(network: Network, gid: str) -> list[str]:
+    """Ids of the other groups with a rule naming `gid` as its peer."""
+    return [
+        other.group_id
+        for other in network.groups.values()
+        if other.group_id != gid
+        and any(isinstance(r.peer, GroupPeer) and r.peer.group_id == gid for r in other.rules)
+    ]
 
 
 def _network(
@@ -795,4 +947,9 @@ _ACTIONS: dict[str, Any] = {
     "LeaveSecurityGroup": Model.leave,
     "ModifyNetworkInterfaceAttribute": Model.modify_eni,
     "DescribeSecurityGroupAttribute": Model.describe_attribute,
+    "DescribeSecurityGroupReferences": Model.describe_references,
+    "CreateSecurityGroup": Model.create_group,
+    "DeleteSecurityGroup": Model.delete_group,
+    "ModifySecurityGroupRule": lambda s, p, n: s.modify_rule(p, n, "ingress"),
+    "ModifySecurityGroupEgressRule": lambda s, p, n: s.modify_rule(p, n, "egress"),
 }
