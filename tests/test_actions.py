@@ -374,3 +374,28 @@ def test_managed_group_refuses_writes_and_quotas_are_enforced() -> None:
             now=NOW,
         )
     assert caught.value.code == "AuthorizationLimitExceed"
+
+
+def test_modify_attribute_and_describe_groups() -> None:
+    from alibabacloud_ecs20140526 import models as sdk
+
+    model = small_model()
+    gid = next(iter(model.network.groups))
+    model, _ = model.perform(
+        "ModifySecurityGroupAttribute",
+        {"SecurityGroupId": gid, "SecurityGroupName": "db", "Description": "x"},
+        now=NOW,
+    )
+    check_equivalent(model)
+    out = model.perform("DescribeSecurityGroups", {"SecurityGroupIds": [gid]}, now=NOW)[1]
+    body = sdk.DescribeSecurityGroupsResponseBody().from_map(out.response)
+    (row,) = body.security_groups.security_group
+    assert (row.security_group_id, row.security_group_name, row.description) == (gid, "db", "x")
+    assert row.ecs_count == len(model.network.members(gid))
+    with pytest.raises(EcsError) as caught:
+        model.perform(
+            "ModifySecurityGroupAttribute",
+            {"SecurityGroupId": gid, "Description": "y" * 513},
+            now=NOW,
+        )
+    assert caught.value.code == "InvalidDescription.Malformed"

@@ -876,6 +876,61 @@ class Model:
         ]
         return self._read({"SecurityGroupReferences": {"SecurityGroupReference": refs}})
 
+    def modify_attribute(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        group = self._group(params, write=True)
+        name = params.get("SecurityGroupName")
+        description = params.get("Description")
+        if name is None and description is None:
+            return self._outcome(self, {}, Change())
+        if description is not None and len(str(description)) > 512:
+            raise EcsError(
+                "InvalidDescription.Malformed",
+                "Description is at most 512 characters",
+                "Description",
+            )
+        new_group = replace(
+            group,
+            name=group.name if name is None else str(name),
+            description=group.description if description is None else str(description),
+        )
+        doc = self._doc_of(group).model_copy(
+            update={
+                "security_group_name": new_group.name or None,
+                "description": new_group.description or None,
+            }
+        )
+        model, _, _ = self._with_group_doc(new_group, doc)
+        return self._outcome(model, {}, Change(groups=frozenset({group.group_id})))
+
+    def describe_groups(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        wanted = set(_id_list(params, "SecurityGroupIds") or _id_list(params, "SecurityGroupId"))
+        vpc = params.get("VpcId")
+        rows = [
+            {
+                "SecurityGroupId": g.group_id,
+                "SecurityGroupName": g.name,
+                "Description": g.description,
+                "VpcId": g.vpc_id,
+                "SecurityGroupType": g.group_type,
+                "ServiceManaged": g.managed,
+                "RuleCount": len(g.rules),
+                "GroupToGroupRuleCount": sum(isinstance(r.peer, GroupPeer) for r in g.rules),
+                "EcsCount": len(self.network.members(g.group_id)),
+                "Tags": {"Tag": [{"TagKey": k, "TagValue": v} for k, v in g.tags]},
+            }
+            for g in self.network.groups.values()
+            if (not wanted or g.group_id in wanted) and (not vpc or g.vpc_id == vpc)
+        ]
+        return self._read(
+            {
+                "RegionId": self.network.region_id,
+                "TotalCount": len(rows),
+                "PageNumber": 1,
+                "PageSize": len(rows),
+                "SecurityGroups": {"SecurityGroup": rows},
+            }
+        )
+
     def describe_attribute(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
         group = self._group(params, write=False)
         direction = str(params.get("Direction") or "all").lower()
@@ -948,6 +1003,8 @@ _ACTIONS: dict[str, Any] = {
     "ModifyNetworkInterfaceAttribute": Model.modify_eni,
     "DescribeSecurityGroupAttribute": Model.describe_attribute,
     "DescribeSecurityGroupReferences": Model.describe_references,
+    "DescribeSecurityGroups": Model.describe_groups,
+    "ModifySecurityGroupAttribute": Model.modify_attribute,
     "CreateSecurityGroup": Model.create_group,
     "DeleteSecurityGroup": Model.delete_group,
     "ModifySecurityGroupRule": lambda s, p, n: s.modify_rule(p, n, "ingress"),
