@@ -23,6 +23,16 @@ Decisions where ECS leaves room:
 - Permissions are given as ``Permissions`` (a list of ECS-named mappings) or,
   as the older API form, as top-level parameters; owner-account fields are
   ignored (one account here).
+- ModifySecurityGroupRule keeps every field the request does not give; a
+  change of peer kind is ``InvalidParameter``, a result equal to another rule
+  of the group ``InvalidParam.DuplicatePermissions``; the rule keeps its id.
+- More than `permissions_per_request` permissions: ``InvalidParam.PermissionsCount``.
+- Join/Leave name the ENI by NetworkInterfaceId, or the instance (its primary
+  ENI) by InstanceId; unknown ones are ``InvalidEniId.NotFound`` /
+  ``InvalidInstanceId.NotFound``.
+- Re-authorizing an existing rule, revoking a spec that matches nothing and
+  setting the current inner policy return the unchanged model with an empty
+  `Change`.
 """
 
 from __future__ import annotations
