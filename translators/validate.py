@@ -1200,3 +1200,23 @@ def build_network(topo: m.Topology, quotas: Quotas = DEFAULT_QUOTAS) -> Network:
 def load_network(text: str, quotas: Quotas = DEFAULT_QUOTAS, *, source: str = "") -> Network:
     """Parse topology text (YAML or JSON) and build the checked network."""
     return build_network(m.parse_topology_text(text, source=source or "<topology>"), quotas)
+
+
+def rule_checker(
+    network: Network, raw_groups: dict[str, tuple[int, m.SecurityGroup]], quotas: Quotas
+) -> _Builder:
+    """A builder primed with an already checked network, to check single rules.
+
+    `actions.py` validates one permission against the existing VPCs, prefix
+    lists and groups without re-validating the rest of the model.
+    """
+    builder = _Builder(m.Topology(), quotas)
+    builder.vpcs = network.vpcs
+    builder.prefix_lists = network.prefix_lists
+    builder.raw_groups = raw_groups
+    return builder
+
+
+def rule_sort_key(rule: Rule) -> tuple[str, int, bool, str]:
+    """The canonical order of a group's rules (as `build_network` sorts them)."""
+    return _rule_order(rule)
