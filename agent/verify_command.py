@@ -18,7 +18,6 @@ import itertools
 import json
 from typing import Any
 
-from nftsg.translators.compiler import compile_vpc
 from nftsg.translators.evaluator import Flow
 from nftsg.translators.network import IPAddress, Network
 
@@ -63,12 +62,17 @@ def verify(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"routers": []}
     ok = True
     with NftBackend() as backend:
-        reconciler = Reconciler(backend, lab.router_ns, table=settings.table)
+        reconciler = Reconciler(
+            backend, lab.router_ns, table=settings.table, ct_mark_bit=settings.ct_mark_bit
+        )
         for vpc_id in sorted(network.vpcs):
             namespace = lab.router_ns(vpc_id)
             entry: dict[str, Any] = {"vpc_id": vpc_id, "namespace": namespace}
             listing = backend.list_table(namespace, "inet", settings.table)
-            program = compile_vpc(network, vpc_id, settings.table)
+            # The agent's compiler: its layout and conntrack mark bit.
+            program = reconciler.compile_program(
+                network, vpc_id, settings.table, settings.ct_mark_bit
+            )
             differences = reconciler.differences(namespace, program, listing)
             entry["in_sync"] = not differences
             entry["differences"] = differences

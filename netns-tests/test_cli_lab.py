@@ -9,6 +9,7 @@ kernel's table, and real traffic. Tests that change the lab come last.
 from __future__ import annotations
 
 import copy
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,17 @@ def test_lab_up_enforces_and_leaves_the_agent_running(demo: CliLab) -> None:
     assert pid is not None and agent_alive(pid), demo.log_tail()
     table = demo.table(VPC)
     assert table is not None and "hook forward" in table and "policy drop" in table
+
+
+def test_verify_finds_the_kernel_in_sync_and_both_policies_agreeing(demo: CliLab) -> None:
+    proc = demo.run("verify")
+    assert proc.returncode == 0, describe(proc)
+    report = json.loads(proc.stdout)
+    assert report["ok"] is True
+    (router,) = report["routers"]
+    assert router["in_sync"] and router["differences"] == []
+    assert router["planned_flows"]["checked"] > 100
+    assert router["planned_flows"]["disagreements"] == []
 
 
 def test_lab_check_agrees_everywhere(demo: CliLab) -> None:
