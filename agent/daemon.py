@@ -8,7 +8,9 @@ Each round of the loop:
 3. syncs every router that is not at the loaded revision, each on its own: a
    failure in one router (compile, nft, anything) is logged with its context,
    leaves that router's last good rules in force, and is retried with backoff
-   as a full resync, while the other routers go on being enforced;
+   as a full resync, while the other routers go on being enforced; then, with
+   `host_ports` (agent/host_mode.py, on in `run_forever`), plugs the existing
+   interfaces of bound ENIs into the routers that enforce them;
 4. every `verify_every` seconds, checks each router's table against the applied
    program by content (skipped when the namespace's nftables generation has not
    moved since the last check) and rewrites a drifted table in full at once;
@@ -48,6 +50,7 @@ from nftsg.translators.validate import build_network
 from . import netns
 from .conntrack import Conntracker, as_evaluator_flow, prune_flows
 from .events import TableEvents
+from .host_mode import HostPorts, LinkEvents
 from .lab import Lab
 from .nft_backend import Backend, NftBackend
 from .reconcile import Compile, FlowJudge, Reconciler, SyncFailed
@@ -139,6 +142,7 @@ class Agent:
         notify: Notify | None = None,
         watchdog_every: float | None = None,
         table_events: TableEvents | None = None,
+        host_ports: HostPorts | None = None,
     ) -> None:
         self.settings = settings
         self.store = store if store is not None else Store(settings.db_path)
@@ -161,6 +165,9 @@ class Agent:
         # Commits by other processes in the routers' namespaces (agent/events.py):
         # those routers are checked by content at the start of the next round.
         self.table_events = table_events
+        # Host mode (agent/host_mode.py): bound ENIs' existing interfaces, plugged
+        # into a router only once its rules for them are in force.
+        self.host_ports = host_ports
         self.reconciler = Reconciler(
             self.backend,
             self.lab.router_ns,
@@ -199,6 +206,7 @@ class Agent:
         network = self.network
         self._check_changed_tables()
         in_force = self._sync_routers(network, now)
+        self._plug_ports()
         if now >= self._next_verify:
             self._next_verify = now + self.verify_every
             self.verify()
@@ -223,7 +231,8 @@ class Agent:
             state = self.store.load()
             if state is None:
                 return
-            network = build_network(topology_from_data(state.topology))
+            topology = topology_from_data(state.topology)
+            network = build_network(topology)
         except Exception as exc:
             self._load_failures += 1
             self._failed_revision = revision
@@ -239,6 +248,8 @@ class Agent:
         self._failed_revision = None
         self.revision, self.network = state.revision, network
         self._document_digest = state.digest
+        if self.host_ports is not None:
+            self.host_ports.set_model(network, topology)
         wanted = {self.lab.router_ns(v): v for v in network.vpcs}
         for namespace in set(self.routers) - set(wanted):
             del self.routers[namespace]
@@ -259,6 +270,15 @@ class Agent:
         if changed:
             self.counters["drift_checks.event"] += 1
             self.verify(sorted(changed))
+
+    def _plug_ports(self) -> None:
+        if self.host_ports is None:
+            return
+        in_force = {r.vpc_id for r in self.routers.values() if r.revision == self.revision}
+        try:
+            self.host_ports.converge(in_force)
+        except Exception as exc:
+            self._count_failure("host_ports", f"host mode: {type(exc).__name__}: {exc}")
 
     def _sync_routers(self, network: Network, now: float) -> bool:
         in_force = True
@@ -506,6 +526,8 @@ class Agent:
     def close(self) -> None:
         if self.table_events is not None:
             self.table_events.close()
+        if self.host_ports is not None:
+            self.host_ports.close()
         self.backend.close()
         self.store.close()
 
@@ -516,6 +538,7 @@ def run_forever(settings: Settings, reload_settings: Callable[[Agent], None] | N
         notify=systemd_notifier(),
         watchdog_every=watchdog_interval(),
         table_events=TableEvents(),
+        host_ports=HostPorts(Lab(settings.prefix), events=LinkEvents()),
     )
     if reload_settings is not None:
         agent.on_reload = lambda: reload_settings(agent)

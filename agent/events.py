@@ -1,4 +1,6 @@
-"""Commits to nftables in the VPC router namespaces, as they happen.
+"""Netlink events in named namespaces: nftables commits in the VPC routers (drift
+repair) and, through `Subscriptions`, link changes for host mode
+(`agent/host_mode.py`).
 
 One netlink socket per router namespace, subscribed to NFNLGRP_NFTABLES (what
 `nft monitor` listens to), read by one thread. Every nftables transaction ends
@@ -14,10 +16,10 @@ Why a plain socket and not `nft monitor`: both see a commit within a
 millisecond or two here, but `nft monitor` is a process per router (and an
 `ip netns exec` around it) whose text output must be parsed, while a socket
 is a file descriptor in this process and the message to read is three
-attributes. Why not pyroute2's NFTSocket: it would decode every rule of every
-event (tens of thousands for a full rewrite of a large table); only NEWGEN is
-of interest here, so the messages are walked by header and everything else is
-skipped unparsed.
+attributes. Why not pyroute2's NFTSocket: it decodes every message it reads
+(one per rule: tens of thousands for a full rewrite of a large table); only
+NEWGEN is of interest here, so the messages are walked by header and
+everything else is skipped unparsed.
 
 Loops cannot start: the agent's own repairs are filtered by thread id, and
 when that filter cannot work (the agent in a PID namespace of its own sees
@@ -118,24 +120,29 @@ def is_own_thread(pid: int, own_pid: int | None = None) -> bool:
     return os.path.exists(f"/proc/{own_pid or os.getpid()}/task/{pid}")
 
 
+OWN_NAMESPACE = ""  # the key of the agent's own namespace (host mode's default)
+
+
 def _ns_identity(name: str) -> tuple[int, int] | None:
     try:
-        st = os.stat(netns.path_of(name))
+        st = os.stat("/proc/self/ns/net" if name == OWN_NAMESPACE else netns.path_of(name))
     except (OSError, netns.NetnsError):
         return None
     return st.st_dev, st.st_ino
 
 
-def open_socket(name: str) -> socket.socket:
-    """A non-blocking NFNLGRP_NFTABLES subscriber bound to namespace `name`."""
-    with netns.entered(name):
-        # A netlink socket belongs to the namespace of the thread creating it.
-        sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
-        )
+def open_socket(name: str, protocol: int, group: int) -> socket.socket:
+    """A non-blocking netlink socket of `protocol` subscribed to `group`, bound to
+    namespace `name` (OWN_NAMESPACE: this process's)."""
+    if name == OWN_NAMESPACE:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+    else:
+        with netns.entered(name):
+            # A netlink socket belongs to the namespace of the thread creating it.
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
     try:
         sock.bind((0, 0))
-        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
         sock.setblocking(False)
     except OSError:
@@ -144,20 +151,21 @@ def open_socket(name: str) -> socket.socket:
     return sock
 
 
-class TableEvents:
-    """Watches nftables commits in a set of namespaces from one thread.
+class Subscriptions:
+    """One netlink multicast group watched in a set of namespaces from one thread.
 
     `watch(names)` sets the namespaces (thread-safe, cheap when unchanged);
-    `changed()` returns and clears the namespaces that saw a commit by another
-    process (or lost events) since the last call. Counters: `seen` (commits
-    by others), `own` (ours, ignored), `overflows`.
+    `changed()` returns and clears the namespaces marked since the last call.
+    Subclasses decide what marks a namespace (`_received`); opening a
+    subscription and losing messages (ENOBUFS) always do.
     """
 
-    def __init__(self, *, rescan_every: float = 1.0, own_pid: int | None = None) -> None:
+    protocol = NETLINK_NETFILTER
+    group = NFNLGRP_NFTABLES
+    what = "nftables commits"
+
+    def __init__(self, *, rescan_every: float = 1.0) -> None:
         self.rescan_every = rescan_every
-        self.own_pid = own_pid or os.getpid()
-        self.seen = 0
-        self.own = 0
         self.overflows = 0
         self._lock = threading.Lock()
         self._wanted: frozenset[str] = frozenset()
@@ -165,8 +173,11 @@ class TableEvents:
         self._sockets: dict[str, tuple[socket.socket, tuple[int, int]]] = {}
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._run, name="nft-events", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"netlink-{self.group}", daemon=True)
         self._thread.start()
+
+    def _received(self, name: str, data: bytes) -> None:
+        self._mark(name)
 
     # -- the agent's side -------------------------------------------------------
     def watch(self, names: Iterable[str]) -> None:
@@ -225,9 +236,9 @@ class TableEvents:
             if identity is None:
                 continue  # not there (yet): next rescan
             try:
-                sock = open_socket(name)
+                sock = open_socket(name, self.protocol, self.group)
             except (OSError, netns.NetnsError) as exc:
-                log.warning("cannot watch nftables commits in %s: %s", name, exc)
+                log.warning("cannot watch %s in %s: %s", self.what, name or "own namespace", exc)
                 continue
             if _ns_identity(name) != identity:  # replaced while we opened it
                 sock.close()
@@ -235,7 +246,7 @@ class TableEvents:
             with self._lock:
                 self._sockets[name] = (sock, identity)
             self._mark(name)  # commits before now were not seen
-            log.debug("watching nftables commits in %s", name)
+            log.debug("watching %s in %s", self.what, name or "own namespace")
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -274,7 +285,7 @@ class TableEvents:
                     self.overflows += 1
                     self._mark(name)
                     continue
-                log.warning("nftables events of %s: %s; watching afresh", name, exc)
+                log.warning("%s in %s: %s; watching afresh", self.what, name, exc)
                 self._mark(name)
                 sock.close()
                 with self._lock:
@@ -282,16 +293,31 @@ class TableEvents:
                 return
             if not data:
                 return
-            for commit in parse_commits(data):
-                if commit.pid is not None and is_own_thread(commit.pid, self.own_pid):
-                    self.own += 1
-                    continue
-                self.seen += 1
-                log.info(
-                    "nftables commit in %s by %s (pid %s), generation %s: checking the table",
-                    name,
-                    commit.process or "?",
-                    commit.pid,
-                    commit.generation,
-                )
-                self._mark(name)
+            self._received(name, data)
+
+
+class TableEvents(Subscriptions):
+    """Commits to nftables by other processes (NFNLGRP_NFTABLES) in the router
+    namespaces. Counters: `seen` (commits by others), `own` (ours, ignored),
+    `overflows`."""
+
+    def __init__(self, *, rescan_every: float = 1.0, own_pid: int | None = None) -> None:
+        self.own_pid = own_pid or os.getpid()
+        self.seen = 0
+        self.own = 0
+        super().__init__(rescan_every=rescan_every)
+
+    def _received(self, name: str, data: bytes) -> None:
+        for commit in parse_commits(data):
+            if commit.pid is not None and is_own_thread(commit.pid, self.own_pid):
+                self.own += 1
+                continue
+            self.seen += 1
+            log.info(
+                "nftables commit in %s by %s (pid %s), generation %s: checking the table",
+                name,
+                commit.process or "?",
+                commit.pid,
+                commit.generation,
+            )
+            self._mark(name)

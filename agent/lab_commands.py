@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from nftsg.translators.bindings import bound_eni_ids
 from nftsg.translators.model import Topology, parse_topology_text
 from nftsg.translators.network import Network
 from nftsg.translators.validate import build_network
@@ -240,7 +241,7 @@ def lab_up(args: argparse.Namespace) -> int:
         store.set_setting("prefix", settings.prefix)
         agent = start_agent(settings)
         wait_in_force(settings, store, lab, network, revision, args.timeout, agent)
-        lab.apply(network)
+        lab.apply(network, bound_eni_ids(topology))
         elapsed = time.monotonic() - started
     finally:
         store.close()

@@ -14,15 +14,14 @@ table stays still: the agent's own repair does not set off another.
 
 from __future__ import annotations
 
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import agent_process
 import pytest
 from nftsg.agent.lab import Lab
 from nftsg.agent.nft_backend import NftBackend, NftError
@@ -79,50 +78,20 @@ class RunningAgent:
         )
 
 
-def _wait_applied(store: Store, ns: str, revision: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        record = store.applied(ns)
-        if record is not None and record.revision >= revision:
-            return
-        assert proc.poll() is None, "the agent exited"
-        time.sleep(0.05)
-    raise AssertionError("the agent did not put the rules in force in 60 s")
-
-
 @pytest.fixture(scope="module")
 def agent(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
     state_dir = tmp_path_factory.mktemp("events")
     lab = Lab(f"{run_prefix}ev")
     network = build_network(topology_from_data(TOPOLOGY))
-    log_path = state_dir / "agent.log"
     proc: subprocess.Popen[bytes] | None = None
     backend = NftBackend()
     try:
         with Store(state_dir / "state.db") as store:
             revision = store.save_topology(TOPOLOGY)
             lab.ensure_routers(network)
-            with open(log_path, "ab") as logfile:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "nftsg.agent.cli",
-                        "agent",
-                        "--state-dir",
-                        str(state_dir),
-                        "--prefix",
-                        lab.prefix,
-                        "--table",
-                        TABLE,
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=logfile,
-                    stderr=logfile,
-                    start_new_session=True,
-                )
+            proc = agent_process.start(state_dir, lab.prefix, TABLE)
             ns = lab.router_ns("vpc-t")
-            _wait_applied(store, ns, revision, proc)
+            agent_process.wait_applied(store, ns, revision, proc)
         lab.apply(network)
         running = RunningAgent(
             lab=lab,
@@ -131,29 +100,22 @@ def agent(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             server=lab.host_ns("i-srv"),
             eni=network.instances["i-srv"].eni_ids[0],
             proc=proc,
-            log_path=log_path,
+            log_path=state_dir / "agent.log",
             backend=backend,
         )
         assert running.allows(22, attempts=3) and not running.allows(80)
         yield running
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            agent_process.stop(proc)
         backend.close()
         lab.destroy()
         if FIGURES:
-            print(
-                "\nrepair after tamper (s): "
-                + "; ".join(
-                    f"{name}: {', '.join(f'{s:.3f}' for s in values)}"
-                    for name, values in sorted(FIGURES.items())
-                )
+            shown = "; ".join(
+                f"{name}: {', '.join(f'{s:.3f}' for s in values)}"
+                for name, values in sorted(FIGURES.items())
             )
+            print(f"\nrepair after tamper (s): {shown}")
 
 
 def delete_rule(r: RunningAgent) -> None:
