@@ -305,6 +305,7 @@ class TableEvents(Subscriptions):
         self.own_pid = own_pid or os.getpid()
         self.seen = 0
         self.own = 0
+        self._commits: list[tuple[str, Commit]] = []
         super().__init__(rescan_every=rescan_every)
 
     def _received(self, name: str, data: bytes) -> None:
@@ -313,6 +314,18 @@ class TableEvents(Subscriptions):
                 self.own += 1
                 continue
             self.seen += 1
+            with self._lock:
+                self._commits.append((name, commit))
+                self._changed.add(name)
+
+    def changed(self) -> set[str]:
+        """As `Subscriptions.changed`, and logs the foreign commits behind it. Logged
+        here, in the caller's thread: the agent forks (pyroute2's namespace helpers),
+        and a fork while this thread holds the log stream's lock would leave the
+        child without it."""
+        with self._lock:
+            commits, self._commits = self._commits, []
+        for name, commit in commits:
             log.info(
                 "nftables commit in %s by %s (pid %s), generation %s: checking the table",
                 name,
@@ -320,4 +333,4 @@ class TableEvents(Subscriptions):
                 commit.pid,
                 commit.generation,
             )
-            self._mark(name)
+        return super().changed()

@@ -340,6 +340,27 @@ class HostPorts:
             "host mode: %s unbound; interface given back (%s)", plugged.eni_id, binding.describe()
         )
 
+    def release_all(self) -> int:
+        """Give every bound interface found in its router back (for `lab down`, before
+        the routers are removed: removing a namespace deletes the virtual links in
+        it, a VM's tap or a container's veth with them). Returns how many."""
+        network = self.network
+        if network is None:
+            return 0
+        released = 0
+        for eni_id, binding in sorted(self.bindings.items()):
+            router_ns = self.lab.router_ns(network.enis[eni_id].vpc_id)
+            if not netns.exists(router_ns):
+                continue
+            with _iproute(router_ns) as ipr:
+                indexes = ipr.link_lookup(ifname=network.enis[eni_id].ifname)
+            if not indexes:
+                continue
+            self.plugged[eni_id] = Plugged(eni_id, router_ns, int(indexes[0]), binding)
+            self._release(self.plugged[eni_id])
+            released += 1
+        return released
+
     def _complain(self, eni_id: str, message: str) -> None:
         if eni_id not in self._complained:
             self._complained.add(eni_id)

@@ -161,7 +161,9 @@ def _wait_still(r: RunningAgent, seconds: float) -> int:
     before = r.generation()
     time.sleep(seconds)
     after = r.generation()
-    assert after == before, f"the table kept changing: generation {before} -> {after}"
+    assert after == before, (
+        f"the table kept changing: generation {before} -> {after}\n{r.log()[-3000:]}"
+    )
     return after
 
 
@@ -189,7 +191,7 @@ def test_tamper_repaired_within_a_second(
             repaired = time.monotonic()
             break
         time.sleep(0.005)
-    assert repaired is not None, f"{tamper}: not repaired in 10 s"
+    assert repaired is not None, f"{tamper}: not repaired in 10 s\n{agent.log()[log_before:]}"
     seconds = repaired - started
     FIGURES.setdefault(tamper, []).append(seconds)
     record_property("repair_seconds", round(seconds, 4))

@@ -32,6 +32,7 @@ import agent_process
 import pytest
 from nftsg.agent import netns
 from nftsg.agent.lab import Lab
+from nftsg.agent.lab_commands import give_back_bound_interfaces
 from nftsg.agent.store import Store
 from nftsg.translators.bindings import bound_eni_ids
 from nftsg.translators.model import topology_from_data
@@ -45,6 +46,7 @@ HOT_MAC = "02:00:00:07:01:1e"
 PORT_MAC = "02:00:00:aa:bb:01"  # the host end's own MAC, for the binding by MAC
 ALLOWED, DENIED_TO_SERVER, DENIED_TO_HOT = 8000, 7000, 7001
 BOUND_NAME = "tap-hot"
+BINDING = {"ifname": BOUND_NAME}
 
 
 def udp_in(port: int) -> dict[str, Any]:
@@ -417,3 +419,17 @@ def test_rename_removal_mac_binding_and_unbinding(host_lab: HostLab) -> None:
     finally:
         traffic.close()
     assert not traffic.denied_received, traffic.denied_received
+
+
+def test_lab_down_gives_bound_interfaces_back_before_removing_routers(host_lab: HostLab) -> None:
+    hl = host_lab
+    hl.plug()
+    assert hl.wait_port_up() is not None
+    agent_process.stop(hl.proc)
+    # What `nftsg lab down` does before it removes the namespaces: removing the
+    # router would delete the virtual link in it, and the container's eth0 with it.
+    give_back_bound_interfaces(hl.lab, topology(hot=True, binding=dict(BINDING, netns=hl.host_ns)))
+    assert BOUND_NAME in hl.links(hl.host_ns)
+    assert hl.port_name not in hl.links(hl.router)
+    hl.lab.destroy()
+    assert "eth0" in hl.links(hl.container_ns)
