@@ -8,10 +8,16 @@ Each round of the loop:
 3. syncs every router that is not at the loaded revision, each on its own: a
    failure in one router (compile, nft, anything) is logged with its context,
    leaves that router's last good rules in force, and is retried with backoff
-   as a full resync, while the other routers go on being enforced;
+   as a full resync, while the other routers go on being enforced; then, with
+   `host_ports` (agent/host_mode.py, on in `run_forever`), plugs the existing
+   interfaces of bound ENIs into the routers that enforce them;
 4. every `verify_every` seconds, checks each router's table against the applied
    program by content (skipped when the namespace's nftables generation has not
    moved since the last check) and rewrites a drifted table in full at once;
+   with `table_events` (agent/events.py, on in `run_forever`), a router whose
+   table another process committed to is checked at the start of the next
+   round, so a tamper is repaired within a round; the periodic check stays as
+   the backstop;
 5. every `selfcheck_every` seconds, compares the evaluator's verdict with the
    packet tracer's over the kernel's listing for a sample of tracked flows
    (`selfcheck.py`), logging and counting disagreements.
@@ -43,6 +49,8 @@ from nftsg.translators.validate import build_network
 
 from . import netns
 from .conntrack import Conntracker, as_evaluator_flow, prune_flows
+from .events import TableEvents
+from .host_mode import HostPorts, LinkEvents
 from .lab import Lab
 from .nft_backend import Backend, NftBackend
 from .reconcile import Compile, FlowJudge, Reconciler, SyncFailed
@@ -133,6 +141,8 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         notify: Notify | None = None,
         watchdog_every: float | None = None,
+        table_events: TableEvents | None = None,
+        host_ports: HostPorts | None = None,
     ) -> None:
         self.settings = settings
         self.store = store if store is not None else Store(settings.db_path)
@@ -152,6 +162,12 @@ class Agent:
         self.notify: Notify = notify or (lambda _state: None)
         self.watchdog_every = watchdog_every
         self.ready = False
+        # Commits by other processes in the routers' namespaces (agent/events.py):
+        # those routers are checked by content at the start of the next round.
+        self.table_events = table_events
+        # Host mode (agent/host_mode.py): bound ENIs' existing interfaces, plugged
+        # into a router only once its rules for them are in force.
+        self.host_ports = host_ports
         self.reconciler = Reconciler(
             self.backend,
             self.lab.router_ns,
@@ -188,7 +204,9 @@ class Agent:
         if self.network is None:
             return False
         network = self.network
+        self._check_changed_tables()
         in_force = self._sync_routers(network, now)
+        self._plug_ports()
         if now >= self._next_verify:
             self._next_verify = now + self.verify_every
             self.verify()
@@ -213,7 +231,8 @@ class Agent:
             state = self.store.load()
             if state is None:
                 return
-            network = build_network(topology_from_data(state.topology))
+            topology = topology_from_data(state.topology)
+            network = build_network(topology)
         except Exception as exc:
             self._load_failures += 1
             self._failed_revision = revision
@@ -229,6 +248,8 @@ class Agent:
         self._failed_revision = None
         self.revision, self.network = state.revision, network
         self._document_digest = state.digest
+        if self.host_ports is not None:
+            self.host_ports.set_model(network, topology)
         wanted = {self.lab.router_ns(v): v for v in network.vpcs}
         for namespace in set(self.routers) - set(wanted):
             del self.routers[namespace]
@@ -238,6 +259,26 @@ class Agent:
             if router.failures:
                 router.retry_at = now  # a new model is a new attempt
         log.info("revision %s loaded", state.revision)
+
+    def _check_changed_tables(self) -> None:
+        """Routers whose table another process committed to since the last round are
+        checked by content now; a drifted one is rewritten in this same round."""
+        if self.table_events is None:
+            return
+        self.table_events.watch(self.routers)
+        changed = self.table_events.changed() & set(self.routers)
+        if changed:
+            self.counters["drift_checks.event"] += 1
+            self.verify(sorted(changed))
+
+    def _plug_ports(self) -> None:
+        if self.host_ports is None:
+            return
+        in_force = {r.vpc_id for r in self.routers.values() if r.revision == self.revision}
+        try:
+            self.host_ports.converge(in_force)
+        except Exception as exc:
+            self._count_failure("host_ports", f"host mode: {type(exc).__name__}: {exc}")
 
     def _sync_routers(self, network: Network, now: float) -> bool:
         in_force = True
@@ -346,11 +387,14 @@ class Agent:
             return None
         return value if isinstance(value, int) else None
 
-    def verify(self) -> list[str]:
-        """Check every router in force by content; drifted ones are rewritten in full on
-        the next round (at once: drift is not a failure to back off from)."""
+    def verify(self, namespaces: list[str] | None = None) -> list[str]:
+        """Check every router in force (or those in `namespaces`) by content; drifted ones
+        are rewritten in full by the next sync (at once: drift is not a failure to back
+        off from)."""
         drifted = []
         for namespace, router in sorted(self.routers.items()):
+            if namespaces is not None and namespace not in namespaces:
+                continue
             if router.revision is None or namespace not in self.reconciler.applied:
                 continue
             generation = self._generation(namespace)
@@ -480,12 +524,22 @@ class Agent:
         log.info("agent stopping; rules stay in place")
 
     def close(self) -> None:
+        if self.table_events is not None:
+            self.table_events.close()
+        if self.host_ports is not None:
+            self.host_ports.close()
         self.backend.close()
         self.store.close()
 
 
 def run_forever(settings: Settings, reload_settings: Callable[[Agent], None] | None = None) -> int:
-    agent = Agent(settings, notify=systemd_notifier(), watchdog_every=watchdog_interval())
+    agent = Agent(
+        settings,
+        notify=systemd_notifier(),
+        watchdog_every=watchdog_interval(),
+        table_events=TableEvents(),
+        host_ports=HostPorts(Lab(settings.prefix), events=LinkEvents()),
+    )
     if reload_settings is not None:
         agent.on_reload = lambda: reload_settings(agent)
 

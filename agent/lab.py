@@ -216,9 +216,10 @@ class Lab:
         self._plan = plan
         return list(plan.routers)
 
-    def apply(self, network: Network) -> None:
-        """Build or converge the lab to `network`; idempotent."""
-        plan = build_plan(network, self.prefix)
+    def apply(self, network: Network, bound: frozenset[str] = frozenset()) -> None:
+        """Build or converge the lab to `network`; idempotent. ENIs in `bound` are host
+        mode's (`agent/host_mode.py`): their router ports are kept, never built."""
+        plan = build_plan(network, self.prefix, bound)
         started = time.perf_counter()
         try:
             _Converger(plan, set(self.existing())).run()
@@ -231,6 +232,18 @@ class Lab:
             len(plan.namespaces),
             time.perf_counter() - started,
         )
+
+    def converge_router(
+        self, network: Network, namespace: str, bound: frozenset[str] = frozenset()
+    ) -> None:
+        """Converge the ports present in one router namespace (sysctls, fe80::1, routes,
+        neighbours, up), lab-built and bound alike; nothing is created or removed. For
+        host mode, after it moved an interface in."""
+        plan = build_plan(network, self.prefix, bound)
+        try:
+            _Converger(plan, set()).converge_router_only(namespace)
+        except (NetlinkError, netns.NetnsError, OSError) as exc:
+            raise LabError(f"router {namespace}: converge failed: {exc}") from exc
 
     def destroy(self) -> None:
         """Remove every namespace of this lab (and so every link); idempotent.
@@ -286,6 +299,14 @@ class _Converger:
             for handle in self.handles.values():
                 handle.close()
 
+    def converge_router_only(self, ns: str) -> None:
+        try:
+            self.handles = {ns: netns.iproute(ns)}
+            self._converge_router(ns, self.plan.routers.get(ns, ()))
+        finally:
+            for handle in self.handles.values():
+                handle.close()
+
     # -- links ------------------------------------------------------------------
     def _links(self, ns: str) -> dict[str, Any]:
         links = self._link_cache.get(ns)
@@ -315,6 +336,8 @@ class _Converger:
         changed: set[str] = set()  # re-read once at the end, not after every pair
         for ns, ports in self.plan.routers.items():
             for port in ports:
+                if port.bound:  # an existing interface: host mode plugs it in
+                    continue
                 rlink = self._links(ns).get(port.router_ifname)
                 hlink = self._links(port.host_ns).get(port.host_ifname)
                 if rlink is not None and hlink is not None and _paired(rlink, hlink):
@@ -357,11 +380,13 @@ class _Converger:
     # -- router -----------------------------------------------------------------
     def _converge_router(self, ns: str, ports: tuple[Port, ...]) -> None:
         ipr = self.handles[ns]
+        links = self._links(ns)
+        # A bound port is there only while its interface is plugged in.
+        ports = tuple(p for p in ports if p.router_ifname in links)
         sysctls: dict[str, int] = {}
         for port in ports:
             sysctls.update(_router_port_sysctls(port.router_ifname))
         netns.write_sysctls(ns, sysctls)
-        links = self._links(ns)
         index = {p.router_ifname: links[p.router_ifname].get("index") for p in ports}
         _set_up(ipr, links.values())
 

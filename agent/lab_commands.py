@@ -15,10 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from nftsg.translators.model import Topology, parse_topology_text
+from nftsg.translators.bindings import bound_eni_ids
+from nftsg.translators.errors import EcsError
+from nftsg.translators.model import Topology, parse_topology_text, topology_from_data
 from nftsg.translators.network import Network
 from nftsg.translators.validate import build_network
+from pyroute2.netlink.exceptions import NetlinkError
 
 from . import netns
 from .documents import read_document_file
@@ -240,7 +244,7 @@ def lab_up(args: argparse.Namespace) -> int:
         store.set_setting("prefix", settings.prefix)
         agent = start_agent(settings)
         wait_in_force(settings, store, lab, network, revision, args.timeout, agent)
-        lab.apply(network)
+        lab.apply(network, bound_eni_ids(topology))
         elapsed = time.monotonic() - started
     finally:
         store.close()
@@ -263,10 +267,13 @@ def lab_down(args: argparse.Namespace) -> int:
         store = Store(settings.db_path)
         try:
             stored = store.get_setting("prefix")
+            state = store.load()
         finally:
             store.close()
         if stored:
             prefixes.add(stored)
+        if state is not None:
+            give_back_bound_interfaces(Lab(stored or settings.prefix), state.topology)
     removed = 0
     for prefix in sorted(prefixes):
         lab = Lab(prefix)
@@ -283,6 +290,24 @@ def lab_down(args: argparse.Namespace) -> int:
             pass
     print(f"lab down: {removed} namespaces removed")
     return 0
+
+
+def give_back_bound_interfaces(lab: Lab, document: dict[str, Any]) -> None:
+    """Host mode: bound interfaces leave the routers before the routers go."""
+    from .host_mode import HostPorts
+
+    try:
+        topology = topology_from_data(document)
+        if not topology.bindings:
+            return
+        ports = HostPorts(lab)
+        ports.set_model(build_network(topology), topology)
+        released = ports.release_all()
+    except (EcsError, NetlinkError, NetnsError, OSError) as exc:
+        print(f"lab down: cannot give bound interfaces back: {exc}", file=sys.stderr)
+        return
+    if released:
+        print(f"lab down: {released} bound interfaces given back")
 
 
 def lab_exec(args: argparse.Namespace) -> int:
