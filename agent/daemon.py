@@ -152,6 +152,9 @@ class Agent:
         self.notify: Notify = notify or (lambda _state: None)
         self.watchdog_every = watchdog_every
         self.ready = False
+        # Called after each router sync with its kind (full, diff, adopted,
+        # failed) and seconds: the metrics' latency histogram (metrics.py).
+        self.on_sync: Callable[[str, float], None] | None = None
         self.reconciler = Reconciler(
             self.backend,
             self.lab.router_ns,
@@ -160,6 +163,7 @@ class Agent:
             namespace_exists=namespace_exists,
             compile_program=compile_program,
             ct_mark_bit=settings.ct_mark_bit,
+            layout=settings.layout,
         )
         self.revision: int | None = None  # the loaded model's revision
         self.network: Network | None = None
@@ -173,6 +177,7 @@ class Agent:
         self._load_retry_at = 0.0
         self._failed_revision: int | None = None
         self._document_digest = ""
+        self._store_empty = False  # nothing stored yet: nothing to enforce
         self._next_verify = clock() + verify_every
         self._next_selfcheck = clock() + selfcheck_every
         # Ruleset objects of kernel listings, by namespace and generation: the
@@ -186,7 +191,7 @@ class Agent:
         now = self.clock()
         self._load(now)
         if self.network is None:
-            return False
+            return self._store_empty
         network = self.network
         in_force = self._sync_routers(network, now)
         if now >= self._next_verify:
@@ -205,6 +210,7 @@ class Agent:
         except Exception as exc:
             self._count_failure("store", f"cannot read the stored revision: {exc}")
             return
+        self._store_empty = revision == 0
         if revision == 0 or revision == self.revision:
             return
         if revision == self._failed_revision and now < self._load_retry_at:
@@ -251,20 +257,32 @@ class Agent:
                 continue
             if router.revision == self.revision:  # only the flows are left to judge
                 report = self.reconciler.judge_flows(network, router.vpc_id)
+                self.counters["flows_cut"] += report.flows_cut.get(namespace, 0)
                 self._after_judging(namespace, router, report.unjudged, now)
                 continue
+            started = time.perf_counter()
             try:
                 report = self.reconciler.sync_namespace(
                     network, router.vpc_id, adopt=not router.drifted
                 )
             except SyncFailed as exc:
+                self._observe_sync("failed", started)
                 self._router_failed(namespace, router, exc, now)
                 in_force = False
                 continue
             if namespace not in report.commands:  # the namespace does not exist (yet)
                 in_force = False
                 continue
+            kind = (
+                "adopted"
+                if report.adopted.get(namespace)
+                else "full"
+                if report.full[namespace]
+                else "diff"
+            )
+            self._observe_sync(kind, started)
             self.counters["syncs"] += 1
+            self.counters["flows_cut"] += report.flows_cut.get(namespace, 0)
             router.revision = self.revision
             router.failures = 0
             router.drifted = False
@@ -275,17 +293,17 @@ class Agent:
                 "revision %s in force in %s: %s, %d commands, %d flows cut",
                 self.revision,
                 namespace,
-                "adopted"
-                if report.adopted.get(namespace)
-                else "full"
-                if report.full[namespace]
-                else "diff",
+                kind,
                 report.commands[namespace],
                 report.flows_cut.get(namespace, 0),
             )
             self._after_judging(namespace, router, report.unjudged, now)
             self._record(namespace, router)
         return in_force and all(r.revision == self.revision for r in self.routers.values())
+
+    def _observe_sync(self, kind: str, started: float) -> None:
+        if self.on_sync is not None:
+            self.on_sync(kind, time.perf_counter() - started)
 
     def _after_judging(
         self, namespace: str, router: RouterState, unjudged: dict[str, str], now: float
@@ -484,10 +502,24 @@ class Agent:
         self.store.close()
 
 
-def run_forever(settings: Settings, reload_settings: Callable[[Agent], None] | None = None) -> int:
-    agent = Agent(settings, notify=systemd_notifier(), watchdog_every=watchdog_interval())
+def run_forever(
+    settings: Settings,
+    reload_settings: Callable[[Agent], None] | None = None,
+    attach: Callable[[Agent], Callable[[], None]] | None = None,
+) -> int:
+    """Run the agent until SIGTERM/SIGINT. `attach` starts what serves beside the loop
+    (metrics, API) and returns how to stop it."""
+    agent = Agent(
+        settings,
+        notify=systemd_notifier(),
+        watchdog_every=watchdog_interval(),
+        poll_interval=settings.poll_interval,
+        verify_every=settings.verify_interval,
+        selfcheck_every=settings.selfcheck_interval,
+    )
     if reload_settings is not None:
         agent.on_reload = lambda: reload_settings(agent)
+    detach = attach(agent) if attach is not None else None
 
     agent_pid = os.getpid()
 
@@ -509,5 +541,7 @@ def run_forever(settings: Settings, reload_settings: Callable[[Agent], None] | N
     try:
         agent.run()
     finally:
+        if detach is not None:
+            detach()
         agent.close()
     return 0
