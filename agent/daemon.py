@@ -112,6 +112,9 @@ class RouterState:
     unjudged: bool = False  # committed, but the tracked flows still wait to be judged
     recorded: bool = True  # the store knows the revision in force
     generation: int | None = None  # nft generation when last found equal by content
+    # Its namespace did not exist at the last attempt: no port can be plugged into
+    # it, so it has nothing to enforce yet and does not hold back READY.
+    absent: bool = False
 
 
 class Agent:
@@ -271,8 +274,9 @@ class Agent:
                 in_force = False
                 continue
             if namespace not in report.commands:  # the namespace does not exist (yet)
-                in_force = False
+                router.absent = True
                 continue
+            router.absent = False
             kind = (
                 "adopted"
                 if report.adopted.get(namespace)
@@ -299,7 +303,9 @@ class Agent:
             )
             self._after_judging(namespace, router, report.unjudged, now)
             self._record(namespace, router)
-        return in_force and all(r.revision == self.revision for r in self.routers.values())
+        return in_force and all(
+            r.revision == self.revision or r.absent for r in self.routers.values()
+        )
 
     def _observe_sync(self, kind: str, started: float) -> None:
         if self.on_sync is not None:
