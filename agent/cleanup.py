@@ -28,9 +28,9 @@ import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import netns, preflight
+from . import agent_settings, netns, preflight
 from .labplan import check_prefix, lab_name_pattern
-from .settings import Settings, settings_from_env
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,10 @@ def cleanup(settings: Settings, prefixes: list[str] | None = None) -> CleanupRep
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = settings_from_env(args.state_dir, args.prefix, args.table)
+    # The same settings as the agent's (file, environment, options), so that a
+    # prefix or table set in /etc/nftsg/agent.yaml is the one cleaned up.
+    overrides = {"state_dir": args.state_dir, "prefix": args.prefix, "table": args.table}
+    settings = agent_settings.load(agent_settings.sources_from(args.config, overrides))
     report = cleanup(settings, list(args.also_prefix or []))
     if args.json:
         print(json.dumps(asdict(report), indent=2))
@@ -139,6 +142,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "prefixes and its table in any other namespace it enforced; other namespaces and "
             "tables stay. Needs root."
         ),
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="the agent's settings file (default /etc/nftsg/agent.yaml)"
     )
     parser.add_argument("--state-dir", help="state directory (default /var/lib/nftsg)")
     parser.add_argument("--prefix", help="lab prefix (default nftsg, and the stored one)")

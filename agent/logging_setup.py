@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -74,12 +75,14 @@ def journal_handler() -> logging.Handler | None:
 
 
 def make_handler(
-    stream: TextIO | None = None, environ: dict[str, str] | None = None
+    stream: TextIO | None = None,
+    environ: dict[str, str] | None = None,
+    native_handler: Callable[[], logging.Handler | None] = journal_handler,
 ) -> tuple[logging.Handler, str]:
     """The handler for this process and its kind: "journal", "journal-stream" or "plain"."""
     stream = sys.stderr if stream is None else stream
     if stderr_is_journal(stream, environ):
-        native = journal_handler()
+        native = native_handler()
         if native is not None:
             return native, "journal"
         handler = logging.StreamHandler(stream)
