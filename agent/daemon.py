@@ -18,7 +18,7 @@ Each round of the loop:
 
 After a restart a router whose kernel table already holds the program (by
 content) is adopted without a rewrite. Stopping the agent (SIGTERM, SIGINT)
-leaves the rules in place; only `nftsg lab down` removes them. Nothing a round
+leaves the rules in place; only `nftsg lab down` or `nftsg cleanup` removes them. Nothing a round
 raises stops the loop: the last resort logs and backs off.
 """
 
