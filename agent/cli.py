@@ -1,9 +1,10 @@
-"""The `nftsg` command line (docs/design.md, "Command line").
+"""The `nftsg` command line (docs/design.md §"Command line").
 
 Each subcommand is added by a registrar: a function that adds its parser to
 the subparsers and sets `handler` (args -> exit code). Subcommands that live in
 other modules add their registrar to `REGISTRARS`, so this file only wires
-them. ECS errors are printed as ECS-shaped JSON on stderr with exit code 2.
+them. ECS errors and usage errors are printed as one line on stderr,
+`nftsg: CODE: message (at path)`, with exit code 2.
 """
 
 from __future__ import annotations

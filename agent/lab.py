@@ -5,7 +5,7 @@ One namespace per VPC router (`{prefix}-r-{vpc}`), one per instance
 or external port is a veth pair created straight between the router and the
 host namespace, so its names never meet the host's own links.
 
-The recipe (see the lab notes for why each piece is there):
+The recipe (docs/kernel-notes.md §"The VPC router recipe" says why each piece is there):
 
 Router
   - forwarding on (IPv4, IPv6); rp_filter 0: anti-spoofing is the firewall's
@@ -95,7 +95,7 @@ _ROUTER_SYSCTLS: dict[str, int] = {
     "net/ipv6/conf/default/accept_ra": 0,
     # No EUI-64 link-locals on ports: fe80::1 is the only one, added by us.
     "net/ipv6/conf/default/addr_gen_mode": 1,
-    # ECS tracks sessions for at most 910 s idle (semantics.md "State"); the
+    # ECS tracks sessions for at most 910 s idle (docs/semantics.md §State); the
     # kernel's default for established TCP is five days.
     "net/netfilter/nf_conntrack_tcp_timeout_established": 910,
     # With loose pickup, a TCP packet whose entry is gone (timed out, flushed)

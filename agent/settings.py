@@ -25,7 +25,8 @@ class SettingsError(ValueError):
 
 # The agent still enforces with the v4 layout by default: the real-traffic scenario
 # harness (netns-tests/harness.py) reads v4's per-bucket sets back from the kernel.
-# NFTSG_LAYOUT=flat selects the flattened layout (docs/dataplane.md, v5).
+# NFTSG_LAYOUT=flat selects the flattened layout (docs/dataplane.md
+# §"v5: objects, chains, flattening").
 DEFAULT_AGENT_LAYOUT: Layout = "v4"
 
 

@@ -1,4 +1,4 @@
-"""The topology file as written by users (docs/design.md, "Topology file"), as pydantic models.
+"""The topology file as written by users (docs/design.md §"Topology file"), as pydantic models.
 
 These models check structure only (which fields exist, their JSON types).
 Every value constraint with an ECS error code lives in `validate.py`, which

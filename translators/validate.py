@@ -3,7 +3,8 @@
 `build_network` either returns a complete, valid `Network` or raises one
 `EcsError` (code, message, dotted field path). It never returns anything partial.
 
-Decisions where ECS leaves room (docs/semantics.md, "Decisions"), written down once:
+Decisions where ECS leaves room, written down once (all of them are listed in
+docs/semantics.md §"Decisions where Alibaba's documents are silent or disagree"):
 - Peer precedence is CIDR > group > prefix list, as ECS does: the losers are
   ignored and not validated either, so a CIDR rule that also names a group that
   does not exist is accepted (the group id is dropped).
