@@ -24,7 +24,7 @@ Each round of the loop:
 
 After a restart a router whose kernel table already holds the program (by
 content) is adopted without a rewrite. Stopping the agent (SIGTERM, SIGINT)
-leaves the rules in place; only `nftsg lab down` removes them. Nothing a round
+leaves the rules in place; only `nftsg lab down` or `nftsg cleanup` removes them. Nothing a round
 raises stops the loop: the last resort logs and backs off.
 """
 
@@ -120,6 +120,9 @@ class RouterState:
     unjudged: bool = False  # committed, but the tracked flows still wait to be judged
     recorded: bool = True  # the store knows the revision in force
     generation: int | None = None  # nft generation when last found equal by content
+    # Its namespace did not exist at the last attempt: no port can be plugged into
+    # it, so it has nothing to enforce yet and does not hold back READY.
+    absent: bool = False
 
 
 class Agent:
@@ -168,6 +171,9 @@ class Agent:
         # Host mode (agent/host_mode.py): bound ENIs' existing interfaces, plugged
         # into a router only once its rules for them are in force.
         self.host_ports = host_ports
+        # Called after each router sync with its kind (full, diff, adopted,
+        # failed) and seconds: the metrics' latency histogram (metrics.py).
+        self.on_sync: Callable[[str, float], None] | None = None
         self.reconciler = Reconciler(
             self.backend,
             self.lab.router_ns,
@@ -176,6 +182,7 @@ class Agent:
             namespace_exists=namespace_exists,
             compile_program=compile_program,
             ct_mark_bit=settings.ct_mark_bit,
+            layout=settings.layout,
         )
         self.revision: int | None = None  # the loaded model's revision
         self.network: Network | None = None
@@ -189,6 +196,7 @@ class Agent:
         self._load_retry_at = 0.0
         self._failed_revision: int | None = None
         self._document_digest = ""
+        self._store_empty = False  # nothing stored yet: nothing to enforce
         self._next_verify = clock() + verify_every
         self._next_selfcheck = clock() + selfcheck_every
         # Ruleset objects of kernel listings, by namespace and generation: the
@@ -202,7 +210,7 @@ class Agent:
         now = self.clock()
         self._load(now)
         if self.network is None:
-            return False
+            return self._store_empty
         network = self.network
         self._check_changed_tables()
         in_force = self._sync_routers(network, now)
@@ -223,6 +231,7 @@ class Agent:
         except Exception as exc:
             self._count_failure("store", f"cannot read the stored revision: {exc}")
             return
+        self._store_empty = revision == 0
         if revision == 0 or revision == self.revision:
             return
         if revision == self._failed_revision and now < self._load_retry_at:
@@ -292,20 +301,33 @@ class Agent:
                 continue
             if router.revision == self.revision:  # only the flows are left to judge
                 report = self.reconciler.judge_flows(network, router.vpc_id)
+                self.counters["flows_cut"] += report.flows_cut.get(namespace, 0)
                 self._after_judging(namespace, router, report.unjudged, now)
                 continue
+            started = time.perf_counter()
             try:
                 report = self.reconciler.sync_namespace(
                     network, router.vpc_id, adopt=not router.drifted
                 )
             except SyncFailed as exc:
+                self._observe_sync("failed", started)
                 self._router_failed(namespace, router, exc, now)
                 in_force = False
                 continue
             if namespace not in report.commands:  # the namespace does not exist (yet)
-                in_force = False
+                router.absent = True
                 continue
+            router.absent = False
+            kind = (
+                "adopted"
+                if report.adopted.get(namespace)
+                else "full"
+                if report.full[namespace]
+                else "diff"
+            )
+            self._observe_sync(kind, started)
             self.counters["syncs"] += 1
+            self.counters["flows_cut"] += report.flows_cut.get(namespace, 0)
             router.revision = self.revision
             router.failures = 0
             router.drifted = False
@@ -316,17 +338,19 @@ class Agent:
                 "revision %s in force in %s: %s, %d commands, %d flows cut",
                 self.revision,
                 namespace,
-                "adopted"
-                if report.adopted.get(namespace)
-                else "full"
-                if report.full[namespace]
-                else "diff",
+                kind,
                 report.commands[namespace],
                 report.flows_cut.get(namespace, 0),
             )
             self._after_judging(namespace, router, report.unjudged, now)
             self._record(namespace, router)
-        return in_force and all(r.revision == self.revision for r in self.routers.values())
+        return in_force and all(
+            r.revision == self.revision or r.absent for r in self.routers.values()
+        )
+
+    def _observe_sync(self, kind: str, started: float) -> None:
+        if self.on_sync is not None:
+            self.on_sync(kind, time.perf_counter() - started)
 
     def _after_judging(
         self, namespace: str, router: RouterState, unjudged: dict[str, str], now: float
@@ -532,16 +556,26 @@ class Agent:
         self.store.close()
 
 
-def run_forever(settings: Settings, reload_settings: Callable[[Agent], None] | None = None) -> int:
+def run_forever(
+    settings: Settings,
+    reload_settings: Callable[[Agent], None] | None = None,
+    attach: Callable[[Agent], Callable[[], None]] | None = None,
+) -> int:
+    """Run the agent until SIGTERM/SIGINT. `attach` starts what serves beside the loop
+    (metrics, API) and returns how to stop it."""
     agent = Agent(
         settings,
         notify=systemd_notifier(),
         watchdog_every=watchdog_interval(),
         table_events=TableEvents(),
         host_ports=HostPorts(Lab(settings.prefix), events=LinkEvents()),
+        poll_interval=settings.poll_interval,
+        verify_every=settings.verify_interval,
+        selfcheck_every=settings.selfcheck_interval,
     )
     if reload_settings is not None:
         agent.on_reload = lambda: reload_settings(agent)
+    detach = attach(agent) if attach is not None else None
 
     agent_pid = os.getpid()
 
@@ -563,5 +597,7 @@ def run_forever(settings: Settings, reload_settings: Callable[[Agent], None] | N
     try:
         agent.run()
     finally:
+        if detach is not None:
+            detach()
         agent.close()
     return 0

@@ -24,12 +24,13 @@ from nftsg.translators.network import Network
 from nftsg.translators.validate import build_network
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import netns
+from . import agent_settings, netns
 from .documents import read_document_file
 from .lab import Lab
 from .labplan import LabError
 from .netns import NetnsError
 from .nft_backend import NftError
+from .preflight import PreflightError
 from .settings import Settings, SettingsError, settings_from_env
 from .store import Store, StoreError
 
@@ -48,6 +49,7 @@ OPERATOR_ERRORS: tuple[type[Exception], ...] = (
     StoreError,
     NftError,
     SettingsError,
+    PreflightError,
 )
 
 
@@ -342,23 +344,9 @@ def lab_check(args: argparse.Namespace) -> int:
 
 
 def agent_command(args: argparse.Namespace) -> int:
-    from .daemon import run_forever
+    from . import agent_run
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    require_root()
-    require_kernel_features()
-    settings = settings_from_env(args.state_dir, args.prefix, args.table)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    other = agent_pid(settings)
-    if other is not None and other != os.getpid():
-        # Two agents would fight over the same tables.
-        raise LabCommandError(
-            f"an agent (pid {other}) already serves {settings.state_dir}; stop it first"
-        )
-    settings.pid_path.write_text(f"{os.getpid()}\n")
-    return run_forever(settings)
+    return agent_run.run(args)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -390,4 +378,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     agent = sub.add_parser("agent", parents=[common], help="run the agent in the foreground")
     agent.add_argument("--table", help="nftables table name (default nftsg)")
+    agent_settings.add_arguments(agent)
     agent.set_defaults(handler=agent_command)
