@@ -53,6 +53,9 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 FlowLister = Callable[[str], list[Flow]]
+# (revision, model, digest) of the current model, or None while there is none: the
+# control plane's, when one is attached (agent/control.py); else the store's document.
+ModelSource = Callable[[], "tuple[int, Network, str] | None"]
 # Sends one sd_notify(3) message ("READY=1", "WATCHDOG=1", "STATUS=..."); a no-op
 # when not run by systemd.
 Notify = Callable[[str], None]
@@ -152,6 +155,10 @@ class Agent:
         self.notify: Notify = notify or (lambda _state: None)
         self.watchdog_every = watchdog_every
         self.ready = False
+        # Held for each round; the control plane (agent/control.py) holds it for
+        # each API call, so that the two never touch the kernel at once.
+        self.lock = threading.RLock()
+        self.model_source: ModelSource | None = None
         self.reconciler = Reconciler(
             self.backend,
             self.lab.router_ns,
@@ -210,10 +217,22 @@ class Agent:
         if revision == self._failed_revision and now < self._load_retry_at:
             return
         try:
-            state = self.store.load()
-            if state is None:
+            if self.model_source is not None:
+                loaded = self.model_source()
+            else:
+                state = self.store.load()
+                loaded = (
+                    None
+                    if state is None
+                    else (
+                        state.revision,
+                        build_network(topology_from_data(state.topology)),
+                        state.digest,
+                    )
+                )
+            if loaded is None:
                 return
-            network = build_network(topology_from_data(state.topology))
+            loaded_revision, network, loaded_digest = loaded
         except Exception as exc:
             self._load_failures += 1
             self._failed_revision = revision
@@ -227,8 +246,8 @@ class Agent:
             return
         self._load_failures = 0
         self._failed_revision = None
-        self.revision, self.network = state.revision, network
-        self._document_digest = state.digest
+        self.revision, self.network = loaded_revision, network
+        self._document_digest = loaded_digest
         wanted = {self.lab.router_ns(v): v for v in network.vpcs}
         for namespace in set(self.routers) - set(wanted):
             del self.routers[namespace]
@@ -237,7 +256,7 @@ class Agent:
             router = self.routers.setdefault(namespace, RouterState(vpc_id))
             if router.failures:
                 router.retry_at = now  # a new model is a new attempt
-        log.info("revision %s loaded", state.revision)
+        log.info("revision %s loaded", loaded_revision)
 
     def _sync_routers(self, network: Network, now: float) -> bool:
         in_force = True
@@ -458,7 +477,8 @@ class Agent:
             if self.reload_event.is_set():
                 self._reload()
             try:
-                in_force = self.step()
+                with self.lock:
+                    in_force = self.step()
                 failures = 0
                 if in_force and not self.ready:
                     # READY only once every router enforces the stored model.
@@ -490,6 +510,9 @@ def run_forever(settings: Settings, reload_settings: Callable[[Agent], None] | N
         agent.on_reload = lambda: reload_settings(agent)
 
     agent_pid = os.getpid()
+    from .control import serve_api  # the control plane and the ECS API of this agent
+
+    stop_api = serve_api(agent, settings)
 
     def _stop(signum: int, _frame: object) -> None:
         # pyroute2 forks netns helpers that inherit this handler; only the agent
@@ -509,5 +532,6 @@ def run_forever(settings: Settings, reload_settings: Callable[[Agent], None] | N
     try:
         agent.run()
     finally:
+        stop_api()
         agent.close()
     return 0
