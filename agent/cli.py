@@ -20,7 +20,7 @@ from nftsg.translators.explain import explain
 from nftsg.translators.network import Network
 from nftsg.translators.validate import load_network
 
-from . import ecs_cli, lab_commands, verify_command
+from . import ecs_cli, lab_commands, plan_commands, verify_command
 from .documents import read_document_file
 
 EXIT_ERROR = 2
@@ -141,6 +141,7 @@ REGISTRARS: dict[str, Registrar] = {
     "verify": verify_command.register,
     "ecs": ecs_cli.register_ecs,
     "api-key": ecs_cli.register_api_key,
+    "plan": plan_commands.register,  # also adds `apply` and `clone`
 }
 
 
