@@ -45,6 +45,7 @@ from nftsg.translators.errors import EcsError
 from nftsg.translators.incremental import CompileCache, compile_vpc_cached
 from nftsg.translators.network import GroupPeer, Network
 from nftsg.translators.nft import Program
+from nftsg.translators.quotas import Quotas
 
 from .conntrack import Conntracker, as_evaluator_flow
 from .datastore import Conflict, Datastore, SqliteDatastore, replay
@@ -120,10 +121,12 @@ class ControlPlane:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         clock: Callable[[], str] = _now,
         conntracker: Callable[[], Conntracker] | None = Conntracker,
+        quotas: Quotas | None = None,
     ) -> None:
         self.agent = agent
         self.datastore = datastore
         self.checkpoint_every = checkpoint_every
+        self.quotas = quotas  # None: ECS's defaults (translators/quotas.py)
         self.clock = clock
         self.model: Model | None = None
         self.revision = 0
@@ -154,7 +157,7 @@ class ControlPlane:
         if snapshot is None:
             self.model = None
             return
-        model = replay(snapshot)
+        model = replay(snapshot, self.quotas)
         self.model, self.revision, self.digest = model, snapshot.head, snapshot.head_digest
         self.journal_length = len(snapshot.journal)
         log.info(

@@ -44,6 +44,7 @@ _GroupParts = dict[str, dict[BucketKey, Parts]]
 @dataclass
 class _GroupEntry:
     group: SecurityGroup
+    refs: tuple[tuple[bool, str], ...]  # the groups and prefix lists its rules name
     deps: tuple[object, ...]  # the objects the compiled form was derived from
     keys: _GroupKeys
     parts: _GroupParts | None = None
@@ -68,15 +69,22 @@ class CompileCache:
     built: int = 0  # ... and compiled anew
 
 
-def _group_deps(net: Network, group: SecurityGroup) -> tuple[object, ...]:
-    deps: list[object] = []
+def _group_refs(group: SecurityGroup) -> tuple[tuple[bool, str], ...]:
+    """(is a group, id) of every group and prefix list the group's rules name."""
+    refs: set[tuple[bool, str]] = set()
     for rule in group.rules:
         peer = rule.peer
         if isinstance(peer, GroupPeer):
-            deps.append(net._members.get(peer.group_id))
+            refs.add((True, peer.group_id))
         elif isinstance(peer, PrefixListPeer):
-            deps.append(net.prefix_lists.get(peer.prefix_list_id))
-    return tuple(deps)
+            refs.add((False, peer.prefix_list_id))
+    return tuple(sorted(refs))
+
+
+def _group_deps(net: Network, refs: tuple[tuple[bool, str], ...]) -> tuple[object, ...]:
+    return tuple(
+        net._members.get(ref) if is_group else net.prefix_lists.get(ref) for is_group, ref in refs
+    )
 
 
 def _same(a: Sequence[object], b: Sequence[object]) -> bool:
@@ -93,13 +101,14 @@ class _CachedCompiler(_Compiler):
         entry = self._fresh.get(group.group_id)
         if entry is not None:
             return entry
-        deps = _group_deps(self.net, group)
         old = self.cache.groups.get(group.group_id)
+        refs = old.refs if old is not None and old.group is group else _group_refs(group)
+        deps = _group_deps(self.net, refs)
         if old is not None and old.group is group and _same(old.deps, deps):
             entry = old
             self.cache.reused += 1
         else:
-            entry = _GroupEntry(group, deps, super().group_keys(group))
+            entry = _GroupEntry(group, refs, deps, super().group_keys(group))
             self.cache.built += 1
         self._fresh[group.group_id] = entry
         return entry
