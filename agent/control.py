@@ -198,13 +198,14 @@ class ControlPlane:
             if local is not None:
                 return local(model.network, params)
             t0 = time.perf_counter()
-            new, outcome = model.perform(action, params, now=self.clock())
+            now = self.clock()  # stored with the call: a replay performs it at the same time
+            new, outcome = model.perform(action, params, now=now)
             if new is model:  # a read, or a call that changes nothing
                 return outcome.response
             t1 = time.perf_counter()
             previous = self.revision
             try:
-                mutation = self.datastore.append(previous, action, params, self.clock())
+                mutation = self.datastore.append(previous, action, params, now)
             except Conflict as exc:
                 log.warning("call %s (RequestId %s) not stored: %s", action, request_id, exc)
                 self.model = None  # reload on the next call
