@@ -17,6 +17,7 @@ API_VERSION = "2014-05-26"
 ACTIONS: frozenset[str] = frozenset(
     {
         "CreateSecurityGroup",
+        "CopySecurityGroup",  # nftsg's own: clone a group to try a change on the copy
         "DeleteSecurityGroup",
         "DescribeSecurityGroups",
         "DescribeSecurityGroupAttribute",

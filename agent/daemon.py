@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nftsg.translators.evaluator import Flow
-from nftsg.translators.model import topology_from_data
+from nftsg.translators.model import Topology, topology_from_data
 from nftsg.translators.network import Network
 from nftsg.translators.tracer import Ruleset
 from nftsg.translators.validate import build_network
@@ -61,6 +61,9 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 FlowLister = Callable[[str], list[Flow]]
+# (revision, model, digest) of the current model, or None while there is none: the
+# control plane's, when one is attached (agent/control.py); else the store's document.
+ModelSource = Callable[[], "tuple[int, Network, str, Topology] | None"]
 # Sends one sd_notify(3) message ("READY=1", "WATCHDOG=1", "STATUS=..."); a no-op
 # when not run by systemd.
 Notify = Callable[[str], None]
@@ -174,6 +177,10 @@ class Agent:
         # Called after each router sync with its kind (full, diff, adopted,
         # failed) and seconds: the metrics' latency histogram (metrics.py).
         self.on_sync: Callable[[str, float], None] | None = None
+        # Held for each round; the control plane (agent/control.py) holds it for
+        # each API call, so that the two never touch the kernel at once.
+        self.lock = threading.RLock()
+        self.model_source: ModelSource | None = None
         self.reconciler = Reconciler(
             self.backend,
             self.lab.router_ns,
@@ -237,11 +244,18 @@ class Agent:
         if revision == self._failed_revision and now < self._load_retry_at:
             return
         try:
-            state = self.store.load()
-            if state is None:
+            if self.model_source is not None:
+                loaded = self.model_source()
+            else:
+                state = self.store.load()
+                loaded = (
+                    None
+                    if state is None
+                    else _built(state.revision, topology_from_data(state.topology), state.digest)
+                )
+            if loaded is None:
                 return
-            topology = topology_from_data(state.topology)
-            network = build_network(topology)
+            loaded_revision, network, loaded_digest, topology = loaded
         except Exception as exc:
             self._load_failures += 1
             self._failed_revision = revision
@@ -255,8 +269,8 @@ class Agent:
             return
         self._load_failures = 0
         self._failed_revision = None
-        self.revision, self.network = state.revision, network
-        self._document_digest = state.digest
+        self.revision, self.network = loaded_revision, network
+        self._document_digest = loaded_digest
         if self.host_ports is not None:
             self.host_ports.set_model(network, topology)
         wanted = {self.lab.router_ns(v): v for v in network.vpcs}
@@ -267,7 +281,7 @@ class Agent:
             router = self.routers.setdefault(namespace, RouterState(vpc_id))
             if router.failures:
                 router.retry_at = now  # a new model is a new attempt
-        log.info("revision %s loaded", state.revision)
+        log.info("revision %s loaded", loaded_revision)
 
     def _check_changed_tables(self) -> None:
         """Routers whose table another process committed to since the last round are
@@ -526,7 +540,8 @@ class Agent:
             if self.reload_event.is_set():
                 self._reload()
             try:
-                in_force = self.step()
+                with self.lock:
+                    in_force = self.step()
                 failures = 0
                 if in_force and not self.ready:
                     # READY only once every router enforces the stored model.
@@ -556,6 +571,10 @@ class Agent:
         self.store.close()
 
 
+def _built(revision: int, topology: Topology, digest: str) -> tuple[int, Network, str, Topology]:
+    return revision, build_network(topology), digest, topology
+
+
 def run_forever(
     settings: Settings,
     reload_settings: Callable[[Agent], None] | None = None,
@@ -578,6 +597,9 @@ def run_forever(
     detach = attach(agent) if attach is not None else None
 
     agent_pid = os.getpid()
+    from .control import serve_api  # the control plane and the ECS API of this agent
+
+    stop_api = serve_api(agent, settings, settings.api_listen)
 
     def _stop(signum: int, _frame: object) -> None:
         # pyroute2 forks netns helpers that inherit this handler; only the agent
@@ -597,6 +619,7 @@ def run_forever(
     try:
         agent.run()
     finally:
+        stop_api()
         if detach is not None:
             detach()
         agent.close()

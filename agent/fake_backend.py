@@ -381,11 +381,17 @@ class _Machine:
 
     # elements
 
-    def _items(self, s: _Set, spec: dict[str, Any]) -> list[tuple[_Key, Any, Any]]:
+    def _items(
+        self, s: _Set, spec: dict[str, Any], *, keys_only: bool = False
+    ) -> list[tuple[_Key, Any, Any]]:
         elems = spec["elem"] if isinstance(spec["elem"], list) else [spec["elem"]]
         out = []
         for item in elems:
-            if s.kind == "map":
+            if s.kind == "map" and keys_only and not (isinstance(item, list) and len(item) == 2):
+                # `delete element` names a map's elements by key alone, as nft does.
+                key, printed = _parse_key(s.types, item)
+                out.append((key, printed, None))
+            elif s.kind == "map":
                 if not (isinstance(item, list) and len(item) == 2):
                     raise _Reject(f"Error: map element {item!r} needs a key and a value")
                 key, printed = _parse_key(s.types, item[0])
@@ -415,7 +421,7 @@ class _Machine:
 
     def _delete_element(self, spec: dict[str, Any]) -> None:
         _table, s = self._set(spec)
-        for key, _printed, _data in self._items(s, spec):
+        for key, _printed, _data in self._items(s, spec, keys_only=True):
             if s.elements.pop(key.printed, None) is None:
                 raise _Reject(f"Error: Could not process rule: {_ENOENT} (element)")
 

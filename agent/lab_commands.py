@@ -78,10 +78,14 @@ def read_topology(path: str) -> tuple[Topology, Network]:
 def stored_network(store: Store) -> tuple[int, Network] | None:
     from nftsg.translators.model import topology_from_data
 
-    state = store.load()
-    if state is None:
+    from .datastore import SqliteDatastore, replay
+
+    snapshot = SqliteDatastore(store).load()
+    if snapshot is None:
         return None
-    return state.revision, build_network(topology_from_data(state.topology))
+    if snapshot.journal:  # API calls after the document: the control plane's model
+        return snapshot.head, replay(snapshot).network
+    return snapshot.revision, build_network(topology_from_data(snapshot.topology))
 
 
 def running_lab(settings: Settings) -> tuple[Lab, Network]:
@@ -129,7 +133,7 @@ def agent_pid(settings: Settings) -> int | None:
     return pid if _pid_alive(pid) else None
 
 
-def start_agent(settings: Settings) -> int:
+def start_agent(settings: Settings, api_listen: str | None = None) -> int:
     pid = agent_pid(settings)
     if pid is not None:
         return pid
@@ -147,6 +151,7 @@ def start_agent(settings: Settings) -> int:
                 settings.prefix,
                 "--table",
                 settings.table,
+                *(["--api-listen", api_listen] if api_listen else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=logfile,
@@ -244,7 +249,7 @@ def lab_up(args: argparse.Namespace) -> int:
         lab.ensure_routers(network)
         revision = store.save_topology(topology.model_dump(mode="json"))
         store.set_setting("prefix", settings.prefix)
-        agent = start_agent(settings)
+        agent = start_agent(settings, getattr(args, "api_listen", None))
         wait_in_force(settings, store, lab, network, revision, args.timeout, agent)
         lab.apply(network, bound_eni_ids(topology))
         elapsed = time.monotonic() - started
@@ -349,6 +354,12 @@ def agent_command(args: argparse.Namespace) -> int:
     return agent_run.run(args)
 
 
+_API_LISTEN_HELP = (
+    "TCP address of the agent's ECS API (default NFTSG_API_LISTEN or 127.0.0.1:7380); "
+    "the unix socket api.sock in the state directory is served too"
+)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `lab` and `agent` to the top-level command line."""
     common = argparse.ArgumentParser(add_help=False)
@@ -359,6 +370,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     up = lab_sub.add_parser("up", parents=[common], help="build (or converge) and enforce FILE")
     up.add_argument("file")
+    up.add_argument("--api-listen", metavar="HOST:PORT", help=_API_LISTEN_HELP)
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for enforcement")
     up.set_defaults(handler=lab_up)
     down = lab_sub.add_parser("down", parents=[common], help="stop the agent, remove the lab")

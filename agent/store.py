@@ -8,6 +8,12 @@ program: the program is derived and may change with the compiler. The
 "applied" records say which revision each router enforces (what `lab up`
 waits for); whether the kernel really holds the program is checked by content
 against the kernel's listing, never assumed from a record.
+
+Between two documents, the control plane (agent/control.py) appends accepted
+API calls to the `mutations` journal, one row and one transaction per call;
+the current model is the document replayed with the journal after it
+(agent/datastore.py). The current revision is the highest of both. Saving a
+document supersedes the journal in the same transaction.
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ CREATE TABLE IF NOT EXISTS applied (
     revision   INTEGER NOT NULL,
     digest     TEXT    NOT NULL,
     applied_at REAL    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mutations (
+    revision  INTEGER PRIMARY KEY,
+    action    TEXT    NOT NULL,
+    params    TEXT    NOT NULL,
+    at        TEXT    NOT NULL,
+    digest    TEXT    NOT NULL,
+    saved_at  REAL    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
@@ -157,18 +171,87 @@ class Store:
         )
 
     def revision(self) -> int:
-        """The current topology revision (0 before the first save)."""
+        """The current revision, journal included (0 before the first save)."""
         with self._lock:
-            row = self._db.execute("SELECT revision FROM topology WHERE id = 1").fetchone()
-        return 0 if row is None else int(row[0])
+            row = self._db.execute(
+                "SELECT max(coalesce((SELECT revision FROM topology WHERE id = 1), 0), "
+                "coalesce((SELECT max(revision) FROM mutations), 0))"
+            ).fetchone()
+        return int(row[0])
+
+    # -- the journal of accepted mutations -------------------------------------
+
+    def append_mutation(
+        self, base_revision: int, action: str, params_json: str, at: str, chain_digest: str
+    ) -> int:
+        """Append one accepted mutation on top of `base_revision`; returns its revision.
+        Raises StoreError (and writes nothing) if the store moved past `base_revision`."""
+        with self._lock, self._transaction() as db:
+            current = db.execute(
+                "SELECT max(coalesce((SELECT revision FROM topology WHERE id = 1), 0), "
+                "coalesce((SELECT max(revision) FROM mutations), 0))"
+            ).fetchone()[0]
+            if int(current) != base_revision:
+                raise StoreError(
+                    f"the stored revision moved from {base_revision} to {current} under the call"
+                )
+            new = base_revision + 1
+            db.execute(
+                "INSERT INTO mutations (revision, action, params, at, digest, saved_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (new, action, params_json, at, chain_digest, time.time()),
+            )
+        return new
+
+    def journal(self, after: int = 0) -> list[tuple[int, str, dict[str, Any], str, str]]:
+        """(revision, action, params, at, digest) of the journal after `after`, in order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT revision, action, params, at, digest FROM mutations "
+                "WHERE revision > ? ORDER BY revision",
+                (after,),
+            ).fetchall()
+        return [(r, a, json.loads(p), at, d) for r, a, p, at, d in rows]
+
+    def checkpoint(
+        self, revision: int, topology_json: dict[str, Any], settings: dict[str, str]
+    ) -> bool:
+        """Store the document of `revision` (a replay of the journal up to it) and drop
+        the journal up to it, in one transaction; False if the document moved meanwhile."""
+        text = canonical_json(topology_json)
+        doc_digest = hashlib.sha256(text.encode()).hexdigest()
+        with self._lock, self._transaction() as db:
+            row = db.execute("SELECT revision FROM topology WHERE id = 1").fetchone()
+            if row is not None and int(row[0]) >= revision:
+                return False
+            db.execute(
+                "INSERT INTO topology (id, revision, document, digest, saved_at) "
+                "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "revision = excluded.revision, document = excluded.document, "
+                "digest = excluded.digest, saved_at = excluded.saved_at",
+                (revision, text, doc_digest, time.time()),
+            )
+            db.execute("DELETE FROM mutations WHERE revision <= ?", (revision,))
+            for key, value in settings.items():
+                db.execute(
+                    "INSERT INTO settings (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+        return True
 
     def save_topology(self, topology_json: dict[str, Any]) -> int:
         """Store a new topology document; returns its revision (previous + 1)."""
         text = canonical_json(topology_json)
         doc_digest = hashlib.sha256(text.encode()).hexdigest()
         with self._lock, self._transaction() as db:
-            row = db.execute("SELECT revision FROM topology WHERE id = 1").fetchone()
-            new = 1 if row is None else int(row[0]) + 1
+            row = db.execute(
+                "SELECT max(coalesce((SELECT revision FROM topology WHERE id = 1), 0), "
+                "coalesce((SELECT max(revision) FROM mutations), 0))"
+            ).fetchone()
+            new = int(row[0]) + 1
+            # The document supersedes the journal of API calls made before it.
+            db.execute("DELETE FROM mutations")
             db.execute(
                 "INSERT INTO topology (id, revision, document, digest, saved_at) "
                 "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "

@@ -248,7 +248,9 @@ CASES: dict[str, tuple[Any, dict[str, Any]]] = {
 
 
 def test_every_action_is_covered() -> None:
-    assert set(CASES) == ACTIONS
+    # CopySecurityGroup is nftsg's own (ECS has no such action, so the SDK has no
+    # request model for it): the netns tests call it through the SDK's call_api.
+    assert set(CASES) == ACTIONS - {"CopySecurityGroup"}
 
 
 @pytest.mark.parametrize("action", sorted(CASES))

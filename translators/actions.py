@@ -773,6 +773,107 @@ class Model:
         model, _, _ = self._with_group(group, {})
         return self._outcome(model, {"SecurityGroupId": gid}, self._change(group))
 
+    def copy_group(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        """CopySecurityGroup: a new group of the same VPC, type, inner policy, tags and
+        rules (new rule ids, same order), with no members: the copy can be changed and
+        tried before the original is touched. Managed groups can be copied (reading is
+        allowed); the copy is not managed."""
+        group = self._group(params, write=False)
+        name = params.get("SecurityGroupName")
+        if name is None:
+            name = params.get("TargetSecurityGroupName")
+        name = f"{group.name or group.group_id}-copy" if name is None else str(name)
+        description = params.get("Description")
+        gid = "sg-" + _digest(f"{group.vpc_id}|{name}|copy|{group.group_id}|{self.counter}")
+        if gid in self.network.groups:
+            raise EcsError(
+                "InvalidSecurityGroupId.Duplicate", f"group {gid} exists", "SecurityGroupId"
+            )
+        taken: set[str] = set()
+        rules: list[Rule] = []
+        for salt, rule in enumerate(group.rules):
+            rid = self._new_rule_id(gid, rule, taken, salt)
+            taken.add(rid)
+            rules.append(replace(rule, rule_id=rid, group_id=gid))
+        copy = replace(
+            group,
+            group_id=gid,
+            rules=tuple(rules),
+            name=name,
+            description=group.description if description is None else str(description),
+            managed=False,
+            is_vpc_default=False,
+        )
+        model, _, _ = self._with_group(copy, dict.fromkeys(taken, now))
+        return self._outcome(model, {"SecurityGroupId": gid}, self._change(copy))
+
+    def _tagged_groups(self, params: Mapping[str, Any], *, write: bool) -> list[SecurityGroup]:
+        kind = str(params.get("ResourceType") or "").strip().lower()
+        if kind != "securitygroup":
+            raise EcsError(
+                "InvalidResourceType.NotSupported",
+                "tags are kept on security groups only (ResourceType securitygroup)",
+                "ResourceType",
+            )
+        ids = _id_list(params, "ResourceId")
+        if not ids and write:
+            raise EcsError("MissingParameter.ResourceId", "ResourceId is required", "ResourceId")
+        if not ids:
+            return list(self.network.groups.values())
+        return [self._group({"SecurityGroupId": gid}, write=write) for gid in ids]
+
+    def tag(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        groups = self._tagged_groups(params, write=True)
+        raw = params.get("Tag") or []
+        if not isinstance(raw, list) or not raw:
+            raise EcsError("MissingParameter.Tag", "Tag.N is required", "Tag")
+        new_tags: dict[str, str] = {}
+        for i, item in enumerate(raw):
+            key = str(item.get("Key") or "") if isinstance(item, Mapping) else ""
+            if not key:
+                raise EcsError("InvalidTagKey.Malformed", "a tag needs a Key", f"Tag.{i + 1}")
+            new_tags[key] = str(item.get("Value") or "")
+        return self._retag(groups, lambda tags: {**tags, **new_tags})
+
+    def untag(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        groups = self._tagged_groups(params, write=True)
+        keys = set(_id_list(params, "TagKey"))
+        every = str(params.get("All") or "").lower() == "true"
+        return self._retag(
+            groups, lambda tags: {} if every else {k: v for k, v in tags.items() if k not in keys}
+        )
+
+    def _retag(self, groups: list[SecurityGroup], update: Any) -> tuple[Model, Outcome]:
+        model = self
+        touched = set()
+        for group in groups:
+            current = model.network.groups[group.group_id]
+            tags = update(dict(current.tags))
+            new_tags = tuple(sorted(tags.items()))
+            if new_tags == current.tags:
+                continue
+            new_group = replace(current, tags=new_tags)
+            doc = model._doc_of(current).model_copy(update={"tags": dict(new_tags)})
+            model, _, _ = model._with_group_doc(new_group, doc)
+            touched.add(group.group_id)
+        if not touched:
+            return self._outcome(self, {}, Change())
+        return self._outcome(model, {}, Change(groups=frozenset(touched)))
+
+    def list_tags(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        groups = self._tagged_groups(params, write=False)
+        rows = [
+            {
+                "ResourceId": g.group_id,
+                "ResourceType": "securitygroup",
+                "TagKey": k,
+                "TagValue": v,
+            }
+            for g in groups
+            for k, v in g.tags
+        ]
+        return self._read({"NextToken": "", "TagResources": {"TagResource": rows}})
+
     def delete_group(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
         group = self._group(params, write=True)
         gid = group.group_id
@@ -1016,6 +1117,10 @@ _ACTIONS: dict[str, Any] = {
     "DescribeSecurityGroups": Model.describe_groups,
     "ModifySecurityGroupAttribute": Model.modify_attribute,
     "CreateSecurityGroup": Model.create_group,
+    "CopySecurityGroup": Model.copy_group,
+    "TagResources": Model.tag,
+    "UntagResources": Model.untag,
+    "ListTagResources": Model.list_tags,
     "DeleteSecurityGroup": Model.delete_group,
     "ModifySecurityGroupRule": lambda s, p, n: s.modify_rule(p, n, "ingress"),
     "ModifySecurityGroupEgressRule": lambda s, p, n: s.modify_rule(p, n, "egress"),

@@ -1,0 +1,301 @@
+"""Control-plane cost of one ECS call, from the call to its commit in the kernel.
+
+At 10, 50, 200 and 500 ENIs x 200 groups of 200 rules (the scale model of
+tests/test_compiler.py: one VPC, ECS's default limits), each size in a child
+process of its own (so peak RSS is that size's): the agent (daemon.Agent with
+the real nft backend, on an empty router namespace: rules name interfaces,
+they need none to exist) gets the model, a first full sync is loaded, then
+`ControlPlane.call` is timed for >= N changes of each kind:
+
+- AuthorizeSecurityGroup (one rule added) / RevokeSecurityGroup (that rule removed),
+- ModifySecurityGroupRule (one rule's port moved),
+- JoinSecurityGroup / LeaveSecurityGroup (one ENI, one basic group),
+- ModifySecurityGroupPolicy (inner policy flipped).
+
+Each call: validation on the model, one SQLite transaction (synchronous=FULL),
+the incremental compile of the VPC, the diff, the nft transaction, judging
+the (here: no) tracked flows of the affected ENIs. Printed: p50/p99 per kind,
+the commands each change sent, peak RSS; with --sdk, the same Authorize/Revoke
+pairs through Alibaba's SDK (HTTP + ACS3 signing, the agent's server in the same
+process, so the client's Python shares the GIL with the agent: a pessimistic
+figure) at the largest size. JSON goes to --json (default control_plane.json).
+
+Not measured: prefix-list entry changes (no ECS action changes a prefix list;
+they come with a new document, `nftsg apply`).
+
+Run as root: `.venv/bin/python bench/control_plane.py [--changes 200] [--sizes 10,50,200,500]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("Authorize", "Revoke", "ModifyRule", "Join", "Leave", "ModifyPolicy")
+
+
+def _p(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from nftsg.agent import netns
+    from nftsg.agent.control import ControlPlane
+    from nftsg.agent.daemon import Agent
+    from nftsg.agent.datastore import SqliteDatastore
+    from nftsg.agent.settings import Settings
+    from nftsg.agent.store import Store
+    from nftsg.translators import model as m
+    from nftsg.translators.quotas import Quotas
+    from test_compiler import scale_topology
+
+    doc = m.topology_from_data(scale_topology(200, n_enis, 200)).model_dump(mode="json")
+    router = f"{prefix}-r-vpc-scale"
+    result: dict[str, Any] = {"enis": n_enis, "rules_per_group": 200, "groups": 200}
+    netns.create(router)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Store(Path(tmp) / "state.db")
+            store.save_topology(doc)
+            agent = Agent(
+                Settings(state_dir=Path(tmp), prefix=prefix, table="nftsg"),
+                store=store,
+                list_flows=None,
+                verify_every=1e9,
+                selfcheck_every=1e9,
+            )
+            control = ControlPlane(
+                agent,
+                SqliteDatastore(store),
+                checkpoint_every=10**9,
+                quotas=Quotas(rules_per_group=1000, rules_per_eni=10000),  # room to add
+            )
+            started = time.perf_counter()
+            assert agent.step(), "first sync failed"
+            result["first_sync_s"] = round(time.perf_counter() - started, 3)
+            result["layout"] = agent.reconciler.layout
+            times: dict[str, list[float]] = {k: [] for k in KINDS}
+            commands: dict[str, list[int]] = {k: [] for k in KINDS}
+
+            def timed(kind: str, action: str, params: dict[str, Any]) -> dict[str, Any]:
+                t = time.perf_counter()
+                out = control.call(action, params, "bench")
+                times[kind].append((time.perf_counter() - t) * 1000)
+                commands[kind].append(sum(control.last.commands.values()))
+                return out
+
+            assert control.model is not None
+            net = control.model.network
+            basic = sorted(g.group_id for g in net.groups.values() if g.is_basic)
+            enis = sorted(
+                e.eni_id
+                for e in net.enis.values()
+                if all(net.groups[g].is_basic for g in e.group_ids) and len(e.group_ids) < 3
+            )
+            for i in range(changes):
+                gid = basic[i % len(basic)]
+                perm = {
+                    "IpProtocol": "TCP",
+                    "PortRange": f"{40000 + i}/{40000 + i}",
+                    "SourceCidrIp": "203.0.113.0/24",
+                }
+                timed(
+                    "Authorize",
+                    "AuthorizeSecurityGroup",
+                    {"SecurityGroupId": gid, "Permissions": [perm]},
+                )
+                group = control.model.network.groups[gid]
+                rid = next(r.rule_id for r in group.rules if r.ports and r.ports.start == 40000 + i)
+                timed(
+                    "ModifyRule",
+                    "ModifySecurityGroupRule",
+                    {
+                        "SecurityGroupId": gid,
+                        "SecurityGroupRuleId": rid,
+                        "PortRange": f"{50000 + i}/{50000 + i}",
+                    },
+                )
+                timed(
+                    "Revoke",
+                    "RevokeSecurityGroup",
+                    {"SecurityGroupId": gid, "SecurityGroupRuleId": [rid]},
+                )
+                flip = "Drop" if group.inner_access_policy == "Accept" else "Accept"
+                timed(
+                    "ModifyPolicy",
+                    "ModifySecurityGroupPolicy",
+                    {"SecurityGroupId": gid, "InnerAccessPolicy": flip},
+                )
+                eni = control.model.network.enis[enis[i % len(enis)]]
+                other = next(
+                    g for g in basic[(i * 7) % len(basic) :] + basic if g not in eni.group_ids
+                )
+                timed(
+                    "Join",
+                    "JoinSecurityGroup",
+                    {"SecurityGroupId": other, "NetworkInterfaceId": eni.eni_id},
+                )
+                timed(
+                    "Leave",
+                    "LeaveSecurityGroup",
+                    {"SecurityGroupId": other, "NetworkInterfaceId": eni.eni_id},
+                )
+            result["kinds"] = {
+                k: {
+                    "n": len(v),
+                    "p50_ms": round(statistics.median(v), 2),
+                    "p99_ms": round(_p(v, 0.99), 2),
+                    "commands_median": statistics.median(commands[k]),
+                }
+                for k, v in times.items()
+            }
+            if sdk:
+                result["sdk"] = sdk_calls(control, changes, basic)
+            result["peak_rss_mb"] = round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+            )
+            agent.backend.close()
+            store.close()
+    finally:
+        netns.delete(router)
+    return result
+
+
+def sdk_calls(control: Any, changes: int, basic: list[str]) -> dict[str, Any]:
+    from alibabacloud_ecs20140526 import models
+    from alibabacloud_ecs20140526.client import Client
+    from alibabacloud_tea_openapi import models as openapi_models
+    from nftsg.agent.api_keys import KeyStore
+    from nftsg.agent.api_server import ApiServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        keystore = KeyStore(Path(tmp) / "api-keys.json")
+        key = keystore.create()
+        with ApiServer(control, keystore, listen="127.0.0.1:0") as server:
+            assert server.address is not None
+            host, port = server.address
+            client = Client(
+                openapi_models.Config(
+                    access_key_id=key.access_key_id,
+                    access_key_secret=key.access_key_secret,
+                    endpoint=f"{host}:{port}",
+                    protocol="http",
+                    region_id="cn-hangzhou",
+                )
+            )
+            times: list[float] = []
+            for i in range(changes):
+                gid = basic[i % len(basic)]
+                spec = {
+                    "ip_protocol": "TCP",
+                    "port_range": f"{60000 + i}/{60000 + i}",
+                    "source_cidr_ip": "203.0.113.0/24",
+                }
+                t = time.perf_counter()
+                client.authorize_security_group(
+                    models.AuthorizeSecurityGroupRequest(
+                        region_id="cn-hangzhou",
+                        security_group_id=gid,
+                        permissions=[models.AuthorizeSecurityGroupRequestPermissions(**spec)],
+                    )
+                )
+                times.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                client.revoke_security_group(
+                    models.RevokeSecurityGroupRequest(
+                        region_id="cn-hangzhou",
+                        security_group_id=gid,
+                        permissions=[models.RevokeSecurityGroupRequestPermissions(**spec)],
+                    )
+                )
+                times.append((time.perf_counter() - t) * 1000)
+    return {
+        "n": len(times),
+        "p50_ms": round(statistics.median(times), 2),
+        "p99_ms": round(_p(times, 0.99), 2),
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    base = {k: results[0]["kinds"][k]["p50_ms"] for k in KINDS} if results else {}
+    lines = [
+        f"{'ENIs':>5} {'change':<13} {'p50 ms':>8} {'p99 ms':>8} {'x10 p50':>8} {'cmds':>6}",
+    ]
+    for r in results:
+        for k in KINDS:
+            s = r["kinds"][k]
+            lines.append(
+                f"{r['enis']:>5} {k:<13} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
+                f"{s['p50_ms'] / base[k]:>8.2f} {s['commands_median']:>6}"
+            )
+        extra = (
+            f", SDK authorize/revoke p50 {r['sdk']['p50_ms']} ms p99 {r['sdk']['p99_ms']} ms"
+            if "sdk" in r
+            else ""
+        )
+        lines.append(
+            f"{r['enis']:>5} peak RSS {r['peak_rss_mb']} MB, first full sync "
+            f"{r['first_sync_s']} s ({r['layout']} layout){extra}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,50,200,500")
+    parser.add_argument("--changes", type=int, default=200)
+    parser.add_argument("--no-sdk", action="store_true")
+    parser.add_argument("--json", default="control_plane.json")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", default=f"cpb{int(time.time()) % 100000}")
+    args = parser.parse_args(argv)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    if args.child is not None:
+        sdk = not args.no_sdk and args.child == max(sizes)
+        print(json.dumps(child(args.child, args.changes, sdk, args.prefix)))
+        return 0
+    results = []
+    for n in sizes:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(n),
+                "--changes",
+                str(args.changes),
+                "--sizes",
+                args.sizes,
+                "--prefix",
+                args.prefix,
+                *(["--no-sdk"] if args.no_sdk else []),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{n} ENIs done", file=sys.stderr, flush=True)
+    print()
+    print(table(results))
+    Path(args.json).write_text(json.dumps({"results": results}, indent=2) + "\n")
+    print(f"JSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
