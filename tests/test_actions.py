@@ -399,3 +399,17 @@ def test_modify_attribute_and_describe_groups() -> None:
             now=NOW,
         )
     assert caught.value.code == "InvalidDescription.Malformed"
+
+
+def test_create_group_refuses_a_tag_without_a_key() -> None:
+    model = small_model()
+    vpc_id = next(iter(model.network.vpcs))
+    for tags in ([{"Value": "no key"}], [{"Key": "", "Value": "x"}], "not a list"):
+        with pytest.raises(EcsError) as caught:
+            model.perform("CreateSecurityGroup", {"VpcId": vpc_id, "Tag": tags}, now=NOW)
+        assert caught.value.code == "InvalidTagKey.Malformed"
+    new, out = model.perform(
+        "CreateSecurityGroup", {"VpcId": vpc_id, "Tag": [{"Key": "team", "Value": "web"}]}, now=NOW
+    )
+    gid = out.response["SecurityGroupId"]
+    assert new.network.groups[gid].tags == (("team", "web"),)

@@ -758,7 +758,7 @@ class Model:
             )
         gtype: GroupType = "normal" if raw_type == "normal" else "enterprise"
         name = str(params.get("SecurityGroupName") or "")
-        tags = params.get("Tag") or []
+        tags = _tags(params.get("Tag") or [])
         gid = "sg-" + _digest(f"{vpc_id}|{name}|{self.counter}")
         group = SecurityGroup(
             group_id=gid,
@@ -768,7 +768,7 @@ class Model:
             rules=(),
             name=name,
             description=str(params.get("Description") or ""),
-            tags=tuple(sorted((str(t["Key"]), str(t.get("Value", ""))) for t in tags)),
+            tags=tuple(sorted(tags.items())),
         )
         model, _, _ = self._with_group(group, {})
         return self._outcome(model, {"SecurityGroupId": gid}, self._change(group))
@@ -827,12 +827,7 @@ class Model:
         raw = params.get("Tag") or []
         if not isinstance(raw, list) or not raw:
             raise EcsError("MissingParameter.Tag", "Tag.N is required", "Tag")
-        new_tags: dict[str, str] = {}
-        for i, item in enumerate(raw):
-            key = str(item.get("Key") or "") if isinstance(item, Mapping) else ""
-            if not key:
-                raise EcsError("InvalidTagKey.Malformed", "a tag needs a Key", f"Tag.{i + 1}")
-            new_tags[key] = str(item.get("Value") or "")
+        new_tags = _tags(raw)
         return self._retag(groups, lambda tags: {**tags, **new_tags})
 
     def untag(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
@@ -1062,6 +1057,19 @@ class Model:
                 "Permissions": {"Permission": perms},
             }
         )
+
+
+def _tags(raw: Any) -> dict[str, str]:
+    """`Tag.N.Key` / `Tag.N.Value` as gathered by the API layer; every tag needs a Key."""
+    if not isinstance(raw, list):
+        raise EcsError("InvalidTagKey.Malformed", "Tag.N is a list of Key and Value", "Tag")
+    tags: dict[str, str] = {}
+    for i, item in enumerate(raw):
+        key = str(item.get("Key") or "") if isinstance(item, Mapping) else ""
+        if not key:
+            raise EcsError("InvalidTagKey.Malformed", "a tag needs a Key", f"Tag.{i + 1}")
+        tags[key] = str(item.get("Value") or "")
+    return tags
 
 
 def _referencing(network: Network, gid: str) -> list[str]:
