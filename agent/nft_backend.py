@@ -324,6 +324,35 @@ class NftBackend:
             return
         self._run(namespace, commands, dry_run=False, what="transaction")
 
+    def apply_text(self, namespace: str, text: str, commands: int) -> None:
+        """Run an nft text batch (`nft_text.full_sync_text`, the cold-load path: faster
+        than JSON for a whole big table) as one atomic transaction; on NftError nothing
+        changed. `commands` is how many it holds (for the trim and for errors)."""
+        worker = self._worker(namespace)
+
+        def job(ctx: Any) -> Any:
+            old = ctx.set_json_output(False)
+            try:
+                started = time.perf_counter()
+                rc, output, error = ctx.cmd(text)
+                self.last_timing[namespace] = time.perf_counter() - started
+            finally:
+                ctx.set_json_output(old)
+            if commands >= _TRIM_AFTER_COMMANDS or len(text) > 1 << 20:
+                _malloc_trim()
+            return rc, output, error
+
+        rc, _output, error = worker.call(job)
+        if rc != 0:
+            log.warning("nft text transaction failed in %s: rc=%s %s", namespace, rc, _brief(error))
+            raise NftError(
+                "nft transaction failed",
+                rc=rc,
+                stderr=error,
+                batch=[{"text": text[:4000]}],
+                namespace=namespace,
+            )
+
     def check(self, namespace: str, commands: list[dict[str, Any]]) -> None:
         if not commands:
             return

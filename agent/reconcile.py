@@ -46,6 +46,7 @@ from nftsg.translators.errors import EcsError
 from nftsg.translators.evaluator import Flow, evaluate
 from nftsg.translators.network import Network
 from nftsg.translators.nft import Program
+from nftsg.translators.nft_text import full_sync_text
 
 from .nft_backend import Backend
 from .settings import layout_from_env
@@ -183,17 +184,27 @@ class Reconciler:
             except Exception as exc:  # cannot tell: rewrite in full
                 log.warning("cannot compare %s with the kernel, rewriting it: %s", namespace, exc)
         try:
-            commands = diff_programs(old, program)
-            self.backend.apply(namespace, commands)
+            apply_text = getattr(self.backend, "apply_text", None)
+            if old is None and apply_text is not None:
+                # A full load as one nft text batch: the same transaction as the JSON
+                # full sync, measured faster for big tables (docs/dataplane.md).
+                text, count = full_sync_text(program)
+                apply_text(namespace, text, count)
+                del text
+            else:
+                commands = diff_programs(old, program)
+                count = len(commands)
+                self.backend.apply(namespace, commands)
+                del commands
         except Exception as exc:
             self.applied.pop(namespace, None)
             raise SyncFailed(namespace, "apply", exc) from exc
         report.full[namespace] = old is None
-        report.commands[namespace] = len(commands)
+        report.commands[namespace] = count
         self.applied[namespace] = program
         # Adopted or freshly written after a restart, the kernel may still track
         # flows that an older model allowed and this one denies: judge them too.
-        if commands or old is None or report.adopted.get(namespace):
+        if count or old is None or report.adopted.get(namespace):
             self._judge(network, vpc_id, namespace, report)
         return report
 

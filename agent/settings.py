@@ -23,11 +23,9 @@ class SettingsError(ValueError):
     """A setting from the environment that cannot be used."""
 
 
-# The agent still enforces with the v4 layout by default: the real-traffic scenario
-# harness (netns-tests/harness.py) reads v4's per-bucket sets back from the kernel.
-# NFTSG_LAYOUT=flat selects the flattened layout (docs/dataplane.md
-# §"v5: objects, chains, flattening").
-DEFAULT_AGENT_LAYOUT: Layout = "v4"
+# The agent enforces the flattened layout (docs/dataplane.md, v5) by default;
+# NFTSG_LAYOUT=v4 selects the per-group bucket layout, kept to measure against.
+DEFAULT_AGENT_LAYOUT: Layout = "flat"
 
 
 @dataclass(frozen=True, slots=True)

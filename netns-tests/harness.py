@@ -44,10 +44,13 @@ from nftsg.agent.lab import Lab
 from nftsg.agent.nft_backend import NftBackend
 from nftsg.agent.probe import ProbeResult, icmp_checksum, ping_probe, tcp_probe, udp_probe
 from nftsg.agent.reconcile import Reconciler, SyncReport
-from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT
+from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT, FLAT_ORDERS
 from nftsg.translators.evaluator import Decision, Flow, SideDecision, evaluate
+from nftsg.translators.flatten import Ranked, flatten
 from nftsg.translators.model import topology_from_data
 from nftsg.translators.network import Eni, IPAddress, Network
+from nftsg.translators.nft import Span
+from nftsg.translators.tracer import _element
 from nftsg.translators.validate import build_network
 
 TABLE = "nftsg"
@@ -490,12 +493,11 @@ class EnforcedLab:
 
     def rules_of(
         self, eni_id: str, direction: str, vpc_id: str = VPC, *, family: str | None = None
-    ) -> dict[tuple[int, str], set[tuple[str, ...]]]:
-        """The ENI's pooled rules as the kernel holds them (see `kernel_rule_elements`)."""
-        return kernel_rule_elements(self, eni_id, direction, vpc_id, family)
-
-    def bucket_order(self, eni_id: str, direction: str) -> list[tuple[int, str]]:
-        return kernel_bucket_order(self, eni_id, direction)
+    ) -> SideRules:
+        """What the kernel decides on the ENI's side (see `kernel_side`); compares equal
+        to the expected rules {(priority, policy): {(proto, peer, dport, sport, local)}}
+        that decide the same."""
+        return kernel_side(self, eni_id, direction, vpc_id, family)
 
     def enforced_ports(self, vpc_id: str = VPC) -> set[str]:
         """Router ports whose traffic meets group rules (ENIs; external hosts are not)."""
@@ -505,7 +507,7 @@ class EnforcedLab:
         """The verdict of the last rule of the ENI's chain: its default for that direction
         (ingress: drop; egress: `return` (on to the receiver's side) for basic groups,
         drop for advanced ones)."""
-        last = self.kernel_rules(rule_chain(eni_id, direction))[-1]["expr"]
+        last = self.kernel_rules(kernel_chain(self, eni_id, direction))[-1]["expr"]
         return next(iter(last[-1]))
 
     # -- anti-spoofing -------------------------------------------------------------
@@ -775,98 +777,203 @@ class UdpStream(_Stream):
 
 # -- the rules of one ENI as the kernel holds them -------------------------------------
 #
-# The layout is v4 of docs/dataplane.md §"v4 objects (layout option; what the agent
-# enforces by default)": per-ENI chains `in_<eni>` / `out_<eni>` that look
-# packets up in per-group rule sets `g_<group>_<in|out>_p<priority>_<a|d>_<v4|v6>_<part>`
-# (`proto . peer . dport . sport . local`; a group reference is expanded into its
-# members' addresses, a prefix list into its entries).
-# Everything that reads the layout is here, so the scenarios state rules in the
-# words of the model.
+# Layout-neutral: the ENI's chain of a direction is found through the kernel's dispatch
+# map (`egress_dispatch` / `ingress_dispatch`: port -> jump chain), and what that chain
+# looks up is read as prioritised boxes (`proto . peer . dport . sport . local`):
+# - a flat set (v5, docs/dataplane.md): disjoint boxes, all of the chain's one
+#   non-default verdict;
+# - bucket sets (v4 `g_<group>_..._p<prio>_<a|d>_<v4|v6>_<part>`, or the flat layout's
+#   fallback `b_<profile>_...`): boxes ranked by (priority, drop first).
+# Either way the kernel's decision on that side is the region where the deciding box
+# has the non-default verdict; `flatten` writes that region canonically (disjoint boxes,
+# independent of how it was written), and the scenarios' expected rules, stated in the
+# words of the model as {(priority, policy): {(proto, peer, dport, sport, local)}},
+# are flattened the same way and compared. So a shadowed rule, or a rule the kernel
+# holds as a hole carved out of another box, compares by what it decides.
+# Everything that reads the layout is here.
 
-_RULE_SET = re.compile(r"^g_(.+)_(in|out)_p(\d+)_([ad])_(v4|v6)_(\d+)$")
-_PROTO_NAMES = {
-    "ipv6-icmp": "icmpv6",
-    "58": "icmpv6",
-    "6": "tcp",
-    "17": "udp",
-    "1": "icmp",
-    "47": "gre",
+_BUCKET_SET = re.compile(r"^[gb]_(.+)_(in|out)_p(\d+)_([ad])_(v4|v6)_(\d+)$")
+_FLAT_SET = re.compile(r"^f_(.+)_(in|out)_(v4|v6)$")
+_FAM_OF = {"v4": "ipv4", "v6": "ipv6"}
+_PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 47: "gre"}
+_PROTO_NUMBERS = {name: number for number, name in _PROTO_NAMES.items()}
+_BITS = {"ipv4": 32, "ipv6": 128}
+_DOMAIN = {
+    fam: (Span(0, 255), addrs, Span(0, 65535), Span(0, 65535), addrs)
+    for fam, addrs in ((f, Span(0, (1 << b) - 1)) for f, b in _BITS.items())
 }
+_SET_TYPES = {
+    fam: ("inet_proto", addr, "inet_service", "inet_service", addr)
+    for fam, addr in (("ipv4", "ipv4_addr"), ("ipv6", "ipv6_addr"))
+}
+_NO_LIMIT = 1 << 40
+Atoms = tuple[str, str, str, str, str]
+Buckets = dict[tuple[int, str], set[Atoms]]
 
 
-def rule_chain(eni_id: str, direction: str) -> str:
-    return ("out_" if direction == "egress" else "in_") + eni_id
+def _show_addr(span: Span, fam: str) -> str:
+    bits = _BITS[fam]
+    if span == _DOMAIN[fam][1]:
+        return "*"
+    addr = ipaddress.ip_address(span.lo) if fam == "ipv4" else ipaddress.IPv6Address(span.lo)
+    if span.lo == span.hi:
+        return str(addr)
+    size = span.hi - span.lo + 1
+    if size & (size - 1) == 0 and span.lo % size == 0:
+        return f"{addr}/{bits - size.bit_length() + 1}"
+    top = ipaddress.ip_address(span.hi) if fam == "ipv4" else ipaddress.IPv6Address(span.hi)
+    return f"{addr}-{top}"
 
 
-def _unwrap(elem: Any) -> Any:
-    return elem["elem"]["val"] if isinstance(elem, dict) and "elem" in elem else elem
+def _show_num(span: Span, full: Span, names: dict[int, str] | None = None) -> str:
+    if span == full:
+        return "*"
+    if span.lo == span.hi:
+        return (names or {}).get(span.lo, str(span.lo))
+    return f"{span.lo}-{span.hi}"
 
 
-def _atom(atom: Any) -> str:
-    if isinstance(atom, dict) and "prefix" in atom:
-        p = atom["prefix"]
-        if p["len"] == 0:
-            return "*"
-        if p["len"] == (32 if ":" not in p["addr"] else 128):
-            return str(p["addr"])  # a single address, however nft chose to list it
-        return f"{p['addr']}/{p['len']}"
-    if isinstance(atom, dict) and "range" in atom:
-        lo, hi = atom["range"]
-        if (str(lo), str(hi)) in (("0", "65535"), ("0", "255"), ("hopopt", "255")):
-            return "*"
-        if lo == hi:
-            return str(lo)
-        return f"{lo}-{hi}"
-    return str(atom)
+def _show_box(box: tuple[Span, ...], fam: str) -> Atoms:
+    dom = _DOMAIN[fam]
+    return (
+        _show_num(box[0], dom[0], _PROTO_NAMES),
+        _show_addr(box[1], fam),
+        _show_num(box[2], dom[2]),
+        _show_num(box[3], dom[3]),
+        _show_addr(box[4], fam),
+    )
 
 
-def _proto(atom: Any) -> str:
-    text = _atom(atom)
-    return _PROTO_NAMES.get(text, text)
+def _parse_num(text: str, full: Span, names: dict[str, int] | None = None) -> Span:
+    if text == "*":
+        return full
+    if text in (names or {}):
+        n = (names or {})[text]
+        return Span(n, n)
+    lo, _, hi = text.partition("-")
+    return Span(int(lo), int(hi or lo))
 
 
-def _looked_up(
-    lab: EnforcedLab, eni_id: str, direction: str, vpc_id: str
-) -> list[tuple[str, re.Match[str]]]:
-    """The rule sets the ENI's chain looks up, in the chain's order: (name, parsed name)."""
-    out = []
-    for rule in lab.kernel_rules(rule_chain(eni_id, direction), vpc_id):
+def _parse_addr(text: str, fam: str) -> Span | None:
+    """The span of an address atom in `fam`; None if the atom is of the other family."""
+    if text == "*":
+        return _DOMAIN[fam][1]
+    if ("." in text) != (fam == "ipv4"):
+        return None
+    if "-" in text:
+        lo, hi = text.split("-")
+        return Span(int(ipaddress.ip_address(lo)), int(ipaddress.ip_address(hi)))
+    net = ipaddress.ip_network(text, strict=False)
+    return Span(int(net.network_address), int(net.broadcast_address))
+
+
+def _bound(proto: str, peer: str, local: str) -> bool:
+    """Whether the atoms name a family (an address, ICMP or ICMPv6), unlike "*"."""
+    return proto in ("icmp", "icmpv6") or peer != "*" or local != "*"
+
+
+def _expected_boxes(expected: Buckets, fam: str, want: str, *, wild: bool) -> set[Atoms]:
+    """The region where `expected` decides `want` in `fam`, canonically, as atoms;
+    elements that name no family count in `fam` only if `wild`."""
+    ranked = []
+    dom = _DOMAIN[fam]
+    for (priority, policy), elements in expected.items():
+        for proto, peer, dport, sport, local in elements:
+            if (proto, fam) in (("icmp", "ipv6"), ("icmpv6", "ipv4")):
+                continue
+            if not wild and not _bound(proto, peer, local):
+                continue
+            p, loc = _parse_addr(peer, fam), _parse_addr(local, fam)
+            if p is None or loc is None:
+                continue
+            box = (_parse_num(proto, dom[0], _PROTO_NUMBERS), p,
+                   _parse_num(dport, dom[2]), _parse_num(sport, dom[3]), loc)
+            ranked.append(Ranked(box, (priority, 0 if policy == "drop" else 1), policy == want))
+    boxes = flatten(ranked, dom, FLAT_ORDERS, _NO_LIMIT) or []
+    return {_show_box(b, fam) for b in boxes}
+
+
+@dataclass
+class SideRules:
+    """One side (ENI, direction) of the kernel's decision: per family the canonical
+    disjoint boxes where the verdict is `want`, the chain's non-default one ("accept"
+    where the default is drop, "drop" where it is `return`). Equal to a dict of expected
+    buckets {(priority, policy): {atoms}} when that dict decides the same everywhere.
+    Atoms show "*" for 0.0.0.0/0 and ::/0 alike, so an element naming no family (no
+    address, not ICMP/ICMPv6) may stand for a rule of either family or both: per
+    family, the kernel must equal the expected rules with such elements or without
+    them (a model mixing both kinds needs `family=`)."""
+
+    want: str
+    boxes: dict[str, set[Atoms]]
+
+    def atoms(self) -> set[Atoms]:
+        return set().union(*self.boxes.values())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SideRules):
+            return self.want == other.want and self.boxes == other.boxes
+        if isinstance(other, dict):
+            return all(
+                got == _expected_boxes(other, f, self.want, wild=True)
+                or got == _expected_boxes(other, f, self.want, wild=False)
+                for f, got in self.boxes.items()
+            )
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"SideRules({self.want}: {dict((f, sorted(b)) for f, b in self.boxes.items())})"
+
+
+def kernel_chain(lab: EnforcedLab, eni_id: str, direction: str, vpc_id: str = VPC) -> str:
+    """The chain the kernel's dispatch map jumps to for the ENI's port on that side."""
+    dispatch = "egress_dispatch" if direction == "egress" else "ingress_dispatch"
+    ifname = lab.eni(eni_id).ifname
+    for elem in lab.kernel_sets(vpc_id)[dispatch]:
+        port, verdict = elem
+        if port == ifname:
+            return str(verdict["jump"]["target"])
+    raise AssertionError(f"{eni_id} ({ifname}) is not in {dispatch}")
+
+
+def _ranked_lookups(
+    lab: EnforcedLab, chain: str, vpc_id: str
+) -> tuple[str, dict[str, list[Ranked]]]:
+    """(the chain's non-default verdict, per family its lookups as ranked boxes)."""
+    sets = lab.kernel_sets(vpc_id)
+    rules = lab.kernel_rules(chain, vpc_id)
+    default = next(iter(rules[-1]["expr"][-1]))
+    want = "accept" if default == "drop" else "drop"
+    out: dict[str, list[Ranked]] = {"ipv4": [], "ipv6": []}
+    for rule in rules[:-1]:
         for ref in re.findall(r'"@([^"]+)"', json.dumps(rule["expr"])):
-            m = _RULE_SET.match(ref)
-            if m is not None:
-                out.append((ref, m))
-    return out
+            if (m := _FLAT_SET.match(ref)) is not None:
+                fam, rank, wanted = _FAM_OF[m.group(3)], (0, 0), True
+            elif (m := _BUCKET_SET.match(ref)) is not None:
+                policy = "drop" if m.group(4) == "d" else "accept"
+                fam, rank = _FAM_OF[m.group(5)], (int(m.group(3)), 0 if policy == "drop" else 1)
+                wanted = policy == want
+            else:
+                continue
+            for raw in sets[ref]:
+                fields = _element(_SET_TYPES[fam], raw, ranges_ok=True)
+                box = tuple(Span(int(lo), int(hi)) for lo, hi in fields)
+                out[fam].append(Ranked(box, rank, wanted))
+    return want, out
 
 
-def _bucket(m: re.Match[str]) -> tuple[int, str]:
-    return (int(m.group(3)), "drop" if m.group(4) == "d" else "accept")
-
-
-def kernel_rule_elements(
+def kernel_side(
     lab: EnforcedLab, eni_id: str, direction: str, vpc_id: str = VPC, family: str | None = None
-) -> dict[tuple[int, str], set[tuple[str, ...]]]:
-    """(priority, "accept"|"drop") -> the elements (proto, peer, dport, sport, local) that
-    the kernel holds in the sets the ENI's chain of that direction looks up, pooled over
-    its groups; "*" for "any". Buckets without an element are left out."""
-    sets = lab.kernel_sets(vpc_id)
-    out: dict[tuple[int, str], set[tuple[str, ...]]] = {}
-    for name, m in _looked_up(lab, eni_id, direction, vpc_id):
-        if family is not None and m.group(5) != {"ipv4": "v4", "ipv6": "v6"}[family]:
-            continue
-        for elem in sets[name]:
-            proto, *fields = _unwrap(elem)["concat"]
-            out.setdefault(_bucket(m), set()).add((_proto(proto), *(_atom(a) for a in fields)))
-    return out
-
-
-def kernel_bucket_order(
-    lab: EnforcedLab, eni_id: str, direction: str, vpc_id: str = VPC
-) -> list[tuple[int, str]]:
-    """(priority, policy) of the ENI's rule-set lookups that hold elements, in the order
-    the kernel's chain evaluates them."""
-    sets = lab.kernel_sets(vpc_id)
-    order: list[tuple[int, str]] = []
-    for name, m in _looked_up(lab, eni_id, direction, vpc_id):
-        if sets[name] and (not order or order[-1] != _bucket(m)):
-            order.append(_bucket(m))
-    return order
+) -> SideRules:
+    """The region where the kernel's chain for the ENI's side decides its non-default
+    verdict, canonically flattened, per family (only `family` if given)."""
+    fams = [family] if family is not None else ["ipv4", "ipv6"]
+    if lab.eni(eni_id).vpc_id != vpc_id:  # another VPC's router never sees the ENI
+        assert lab.eni(eni_id).ifname not in str(lab.kernel_sets(vpc_id)), eni_id
+        return SideRules("accept" if direction == "ingress" else "drop", {f: set() for f in fams})
+    want, ranked = _ranked_lookups(lab, kernel_chain(lab, eni_id, direction, vpc_id), vpc_id)
+    boxes = {}
+    for fam in fams:
+        flat = flatten(ranked[fam], _DOMAIN[fam], FLAT_ORDERS, _NO_LIMIT) or []
+        boxes[fam] = {_show_box(b, fam) for b in flat}
+    return SideRules(want, boxes)

@@ -1,9 +1,13 @@
 """Someone changes a router's table behind the agent's back: it notices by content and
 rewrites the table, and the firewall never stays open.
 
-One VPC: a client and a server. The server's group lets TCP 22-23 in from the
-VPC at priority 10 and drops TCP 23 at priority 1, so 22 is allowed and 23 and
-80 are denied. Each test tampers with the real table through the `nft` tool
+One VPC: a client and a server. The server's group lets TCP 22-24 in from the
+VPC at priority 10 and drops TCP 23 at priority 1; the client's group drops its
+own TCP 24 to the server on egress; so 22 is allowed and 23, 24 and 80 are
+denied. The sets are found the way the kernel uses them (dispatch map -> chain
+-> looked-up set with the wanted verdict), so the element tampers work on any
+layout: an element added to a set that lets traffic in opens 80, an element
+removed from a set that drops opens 24. Each test tampers with the real table through the `nft` tool
 the way an intruder or a confused operator would (some tampers keep every
 object and count as it was), checks the kernel really changed, then runs the
 agent's rounds until the table is the program again, and measures how long
@@ -41,7 +45,20 @@ TOPOLOGY: dict[str, Any] = {
         }
     ],
     "security_groups": [
-        {"security_group_id": "sg-cli", "vpc_id": "vpc-t"},
+        {
+            "security_group_id": "sg-cli",
+            "vpc_id": "vpc-t",
+            "permissions": [
+                {
+                    "direction": "egress",
+                    "ip_protocol": "TCP",
+                    "port_range": "24/24",
+                    "dest_cidr_ip": f"{SERVER}/32",
+                    "priority": 1,
+                    "policy": "drop",
+                },
+            ],
+        },
         {
             "security_group_id": "sg-srv",
             "vpc_id": "vpc-t",
@@ -49,7 +66,7 @@ TOPOLOGY: dict[str, Any] = {
                 {
                     "direction": "ingress",
                     "ip_protocol": "TCP",
-                    "port_range": "22/23",
+                    "port_range": "22/24",
                     "source_cidr_ip": "10.1.0.0/16",
                     "priority": 10,
                 },
@@ -85,7 +102,10 @@ class Router:
     def __init__(self, lab: Lab, state_dir: Path) -> None:
         self.lab = lab
         network = build_network(topology_from_data(TOPOLOGY))
-        self.eni = network.instances["i-srv"].eni_ids[0]
+        self.ifname = {
+            name: network.enis[network.instances[name].eni_ids[0]].ifname
+            for name in ("i-cli", "i-srv")
+        }
         with Store(state_dir / "state.db") as store:
             store.save_topology(TOPOLOGY)
         lab.ensure_routers(network)
@@ -120,19 +140,31 @@ class Router:
                 return int(rule["handle"])
         raise AssertionError(f"no rule with comment {comment_part!r} in {chain}")
 
-    def lookup_set(self, policy: str) -> str:
-        """The set looked up by the server's ingress chain for its `policy` bucket."""
+    def chain(self, instance: str, direction: str) -> str:
+        """The chain the kernel's dispatch map jumps to for the instance's port."""
+        dispatch = f"{direction}_dispatch"
+        listing = json.loads(self.nft("-j", "list", "map", "inet", TABLE, dispatch))
+        (body,) = [item["map"] for item in listing["nftables"] if "map" in item]
+        for port, verdict in body.get("elem", []):
+            if port == self.ifname[instance]:
+                return str(verdict["jump"]["target"])
+        raise AssertionError(f"{instance} is not in {dispatch}")
+
+    def lookup_set(self, instance: str, direction: str, policy: str) -> str:
+        """The (first IPv4) set the instance's chain of that direction looks up with the
+        verdict of `policy` (accept: `return`, on to the other side)."""
+        chain = self.chain(instance, direction)
         wanted = "return" if policy == "accept" else "drop"
-        for rule in self.rules(f"in_{self.eni}"):
+        for rule in self.rules(chain):
             verdicts = [k for e in rule["expr"] for k in e if k in ("return", "drop")]
             lookups = [
                 e["match"]["right"][1:]
                 for e in rule["expr"]
                 if "match" in e and str(e["match"]["right"]).startswith("@")
             ]
-            if verdicts == [wanted] and lookups:
+            if verdicts == [wanted] and lookups and "ipv4" in rule.get("comment", ""):
                 return str(lookups[0])
-        raise AssertionError(f"no {policy} lookup in in_{self.eni}")
+        raise AssertionError(f"no {policy} lookup in {chain}")
 
     def drifted(self) -> list[str]:
         program = self.agent.reconciler.applied[self.ns]
@@ -164,7 +196,8 @@ class Router:
 def router(lab: Lab, tmp_path: Path) -> Iterator[Router]:
     r = Router(lab, tmp_path)
     try:
-        assert r.allows(22, attempts=3) and not r.allows(23) and not r.allows(80)
+        assert r.allows(22, attempts=3)
+        assert not any(r.allows(port) for port in (23, 24, 80))
         yield r
     finally:
         r.agent.close()
@@ -180,7 +213,7 @@ def anti_spoofing_accept(r: Router) -> None:
 
 
 def default_accept(r: Router) -> None:
-    chain = f"in_{r.eni}"
+    chain = r.chain("i-srv", "ingress")
     handle = r.rules(chain)[-1]["handle"]
     r.nft("replace", "rule", "inet", TABLE, chain, "handle", str(handle), "accept")
 
@@ -191,14 +224,14 @@ def delete_rule(r: Router) -> None:
 
 
 def add_accept_element(r: Router) -> None:
-    name = r.lookup_set("accept")
+    name = r.lookup_set("i-srv", "ingress", "accept")
     r.nft("add", "element", "inet", TABLE, name, "{ tcp . 10.1.0.0/16 . 80 . 0-65535 . 0.0.0.0/0 }")
 
 
 def remove_drop_element(r: Router) -> None:
-    name = r.lookup_set("drop")
+    name = r.lookup_set("i-cli", "egress", "drop")
     r.nft(
-        "delete", "element", "inet", TABLE, name, "{ tcp . 10.1.0.0/16 . 23 . 0-65535 . 0.0.0.0/0 }"
+        "delete", "element", "inet", TABLE, name, f"{{ tcp . {SERVER} . 24 . 0-65535 . 0.0.0.0/0 }}"
     )
 
 
@@ -234,7 +267,7 @@ OPENING = {
     "ingress default flipped to accept": 80,
     "dispatch rule deleted": 80,
     "element added to an accept set": 80,
-    "element removed from a drop set": 23,
+    "element removed from a drop set": 24,
     "table deleted": 80,
     "flush ruleset": 80,
 }
@@ -253,8 +286,7 @@ def test_tamper_is_detected_and_repaired(
     print(f"{tamper}: repaired in {seconds:.3f} s")
     assert router.agent.counters["drift_repairs"] == 1
     assert router.allows(22, attempts=3)
-    assert not router.allows(23)
-    assert not router.allows(80)
+    assert not any(router.allows(port) for port in (23, 24, 80))
     # Repaired once; the next rounds change nothing.
     sent = router.agent.counters["syncs"]
     for _ in range(5):

@@ -36,7 +36,7 @@ def test_defaults_without_a_file(tmp_path: Path) -> None:
         60.0,
     )
     assert settings.ct_mark_bit == 0x40000000
-    assert settings.layout == "v4"
+    assert settings.layout == "flat"
     assert settings.config_path is None
 
 

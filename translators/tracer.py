@@ -57,6 +57,10 @@ PORTED_L4PROTOS = frozenset({6, 17, 33, 132, 136})  # TCP, UDP, DCCP, SCTP, UDP-
 
 _CT_STATES = frozenset({"new", "established", "related", "invalid", "untracked"})
 _PROTO_NAMES = {
+    # nft lists protocol 0 by its /etc/protocols name (a flattened box can start
+    # or end there: the piece below ICMP's 1 of an ALL rule).
+    "ip": 0,
+    "hopopt": 0,
     "tcp": 6,
     "udp": 17,
     "icmp": 1,
