@@ -1,0 +1,175 @@
+"""The agent under a real systemd: a privileged container of the Docker lab's image
+boots /sbin/init (systemd 252), the repository's unit is installed as shipped,
+and systemd runs the agent.
+
+Where the shipped unit lacks `Type=notify`, `WatchdogSec` or `ExecReload`, a
+drop-in adds exactly those (and says so in the test output), so READY, the
+watchdog and reload of the agent are exercised under systemd either way; once
+the unit has them, they are tested as shipped.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = "nftsg-agent.service"
+ROUTER = "nftsg-r-vpc-demo"  # the shipped unit runs the agent with the default prefix
+DROPIN = "/etc/systemd/system/nftsg-agent.service.d/50-test.conf"
+
+
+class Booted:
+    def __init__(self, container: Any) -> None:
+        self.c = container
+        self.dropin: list[str] = []
+
+    def sh(self, script: str, check: bool = True) -> str:
+        code, out = self.c.exec_run(["bash", "-c", script])
+        text = out.decode(errors="replace")
+        if check and code != 0:
+            raise AssertionError(f"`{script}` exited {code}:\n{text}")
+        return text
+
+    def show(self, *props: str) -> dict[str, str]:
+        out = self.sh(f"systemctl show {UNIT} " + " ".join(f"-p {p}" for p in props))
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def applied(self) -> int:
+        """The revision the agent recorded in force in the router (0: none)."""
+        out = self.sh(
+            "python -c 'from nftsg.agent.store import Store; "
+            f'r = Store("/var/lib/nftsg/state.db").applied("{ROUTER}"); '
+            "print(r.revision if r else 0)'"
+        )
+        return int(out.strip().splitlines()[-1])
+
+    def table_present(self) -> bool:
+        code, _ = self.c.exec_run(
+            ["ip", "netns", "exec", ROUTER, "nft", "list", "table", "inet", "nftsg"]
+        )
+        return code == 0
+
+
+@pytest.fixture(scope="module")
+def booted(dockerlab: ModuleType, docker_env: dict[str, Any]) -> Iterator[Booted]:
+    client = docker_env["client"]
+    prefix = f"t{secrets.token_hex(4)}"
+    container = dockerlab.run_container(
+        client,
+        docker_env["image"],
+        ["/sbin/init"],
+        name=f"{prefix}-systemd",
+        hostname="nftsg-systemd",
+        labels={dockerlab.LABEL: prefix},
+        privileged=True,
+        init=False,  # systemd is PID 1
+        binds=["/sys/fs/cgroup:/sys/fs/cgroup:rw"],
+        tmpfs={"/run": "", "/run/lock": "", "/tmp": ""},
+        environment={"container": "docker"},
+    )
+    try:
+        b = Booted(container)
+        deadline = time.monotonic() + 60
+        while True:
+            state = b.sh("systemctl is-system-running || true").strip()
+            if state in ("running", "degraded"):
+                break
+            assert time.monotonic() < deadline, f"systemd did not boot: {state}"
+            time.sleep(0.5)
+        b.sh(f"cp /opt/nftsg/systemd/{UNIT} /etc/systemd/system/{UNIT}")
+        # The shipped unit's ExecStart must exist in the image (it installs to /opt/nftsg).
+        exec_start = b.sh(f"systemctl cat {UNIT} | sed -n 's/^ExecStart=//p' | tail -1").split()
+        assert exec_start, "the unit has no ExecStart"
+        b.sh(f"test -x {exec_start[0]} || ln -s /opt/nftsg/.venv/bin/nftsg {exec_start[0]}")
+        b.sh("systemctl daemon-reload")
+        shipped = b.show("Type", "WatchdogUSec", "ExecReload")
+        if shipped["Type"] != "notify":
+            b.dropin += ["Type=notify", "NotifyAccess=main"]
+        if shipped["WatchdogUSec"] in ("0", "infinity", ""):
+            b.dropin.append("WatchdogSec=3")
+        if "path=" not in shipped.get("ExecReload", ""):
+            b.dropin.append("ExecReload=/bin/kill -HUP $MAINPID")
+        if b.dropin:
+            body = "\\n".join(["[Service]", *b.dropin])
+            b.sh(f"mkdir -p {Path(DROPIN).parent} && printf '{body}\\n' > {DROPIN}")
+            b.sh("systemctl daemon-reload")
+            print(f"\nthe shipped unit lacks, so a test drop-in adds: {', '.join(b.dropin)}")
+        # The lab's router and a stored topology, with no agent running yet.
+        b.sh(
+            "python - <<'EOF'\n"
+            "from nftsg.agent.lab import Lab\n"
+            "from nftsg.agent.lab_commands import read_topology\n"
+            "from nftsg.agent.store import Store\n"
+            "topology, network = read_topology('/opt/nftsg/examples/three-tier.yaml')\n"
+            "Lab('nftsg').ensure_routers(network)\n"
+            "import os; os.makedirs('/var/lib/nftsg', exist_ok=True)\n"
+            "s = Store('/var/lib/nftsg/state.db')\n"
+            "s.save_topology(topology.model_dump(mode='json'))\n"
+            "s.set_setting('prefix', 'nftsg')\n"
+            "EOF"
+        )
+        yield b
+    finally:
+        container.remove(force=True)
+
+
+def test_active_only_once_rules_are_in_force(booted: Booted) -> None:
+    assert booted.applied() == 0 and not booted.table_present()
+    t0 = time.monotonic()
+    booted.sh(f"systemctl start {UNIT}")  # Type=notify: returns once READY=1 arrived
+    print(f"\nsystemctl start returned after {time.monotonic() - t0:.2f} s")
+    props = booted.show("ActiveState", "SubState", "Type", "StatusText", "MainPID")
+    assert props["Type"] == "notify"
+    assert (props["ActiveState"], props["SubState"]) == ("active", "running")
+    # READY came only after enforcement: the moment start returns, the rules are in.
+    assert booted.applied() == 1
+    assert booted.table_present()
+    assert "in force" in props["StatusText"], props
+
+
+def test_reload_resyncs_without_restart(booted: Booted) -> None:
+    before = booted.show("MainPID", "NRestarts")
+    since = booted.sh("date '+%Y-%m-%d %H:%M:%S'").strip()
+    booted.sh(f"systemctl reload {UNIT}")
+    deadline = time.monotonic() + 10
+    while "reload" not in booted.sh(f"journalctl -u {UNIT} --since '{since}' -o cat"):
+        assert time.monotonic() < deadline, "the agent logged no reload"
+        time.sleep(0.2)
+    while booted.show("ActiveState")["ActiveState"] != "active":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    after = booted.show("MainPID", "NRestarts", "SubState")
+    assert after["MainPID"] == before["MainPID"] and after["NRestarts"] == before["NRestarts"]
+    assert after["SubState"] == "running"
+    assert booted.table_present()
+
+
+def test_watchdog_restarts_a_hung_agent(booted: Booted) -> None:
+    before = booted.show("MainPID", "NRestarts", "WatchdogUSec")
+    pid = before["MainPID"]
+    booted.sh(f"kill -STOP {pid}")  # the loop hangs: no more WATCHDOG=1
+    t0 = time.monotonic()
+    deadline = t0 + 60
+    while True:
+        now = booted.show("MainPID", "NRestarts", "ActiveState", "SubState")
+        # Rules stay in force while the agent hangs and while it restarts.
+        assert booted.table_present()
+        if now["MainPID"] not in (pid, "0") and now["ActiveState"] == "active":
+            break
+        assert time.monotonic() < deadline, f"not restarted: {now}"
+        time.sleep(0.2)
+    print(
+        f"\nhung agent restarted after {time.monotonic() - t0:.1f} s "
+        f"(WatchdogUSec={before['WatchdogUSec']})"
+    )
+    assert int(now["NRestarts"]) == int(before["NRestarts"]) + 1
+    journal = booted.sh(f"journalctl -u {UNIT} -o cat")
+    assert "Watchdog timeout" in journal, journal[-2000:]
+    assert booted.applied() == 1
