@@ -38,10 +38,18 @@ def dockerlab() -> ModuleType:
     return _load_dockerlab()
 
 
+def docker_netns() -> set[str]:
+    try:
+        return set(os.listdir("/var/run/docker/netns"))
+    except FileNotFoundError:
+        return set()
+
+
 @pytest.fixture(scope="session")
 def docker_env(dockerlab: ModuleType) -> Iterator[dict[str, Any]]:
     """(client, image tag, timings); removes the image (and stops a dockerd it started)."""
     client, started = dockerlab.docker_client()
+    netns_before = docker_netns()
     tag = f"nftsg-lab:t{secrets.token_hex(4)}"
     timings: dict[str, float] = {}
     try:
@@ -51,10 +59,25 @@ def docker_env(dockerlab: ModuleType) -> Iterator[dict[str, Any]]:
         print(f"\nimages built in {timings['images']:.1f} s")
         yield {"client": client, "image": tag, "timings": timings}
     finally:
+        leftover = [
+            c.name
+            for c in client.containers.list(all=True)
+            if c.name.startswith("t") and c.labels.get(dockerlab.LABEL, "").startswith("t")
+        ]
+        for name in leftover:
+            client.containers.get(name).remove(force=True)
         dockerlab.remove_image(client, tag)
+        # dockerd removes a gone container's namespace file lazily (libnetwork
+        # collects them about a minute later): wait for that, then check.
+        deadline = time.monotonic() + 120
+        while not docker_netns() <= netns_before and time.monotonic() < deadline:
+            time.sleep(1)
+        left = docker_netns() - netns_before
         client.close()
         if started:
             dockerlab.stop_dockerd()
+        assert not leftover, f"containers left behind: {leftover}"
+        assert not left, f"dockerd left container namespaces: {sorted(left)}"
 
 
 @pytest.fixture
