@@ -1,4 +1,4 @@
-"""The seam between the HTTP/CLI API layer and the control plane (design.md §5).
+"""The seam between the HTTP/CLI API layer and the control plane (docs/design.md §"HTTP API").
 
 The API layer (agent/api_server.py) authenticates a request, parses its RPC
 parameters and hands one call to a `ControlPlane`; the control plane validates
@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 API_VERSION = "2014-05-26"
 
-# design.md §5, plus the tag actions ECS has on these resources.
+# The actions of docs/api.md: the ECS subset nftsg serves, with the tag actions
+# ECS has on these resources.
 ACTIONS: frozenset[str] = frozenset(
     {
         "CreateSecurityGroup",

@@ -1,4 +1,4 @@
-"""The agent's ECS API over HTTP (design.md §5) and over a unix socket.
+"""The agent's ECS API over HTTP (docs/api.md; docs/design.md §"HTTP API") and over a unix socket.
 
 Stack: aiohttp's server (llhttp parser, asyncio). It runs in a thread of its
 own with its own event loop, so the synchronous daemon only calls start() and

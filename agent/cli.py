@@ -1,9 +1,10 @@
-"""The `nftsg` command line (docs/design.md, "Command line").
+"""The `nftsg` command line (docs/design.md §"Command line").
 
 Each subcommand is added by a registrar: a function that adds its parser to
 the subparsers and sets `handler` (args -> exit code). Subcommands that live in
 other modules add their registrar to `REGISTRARS`, so this file only wires
-them. ECS errors are printed as ECS-shaped JSON on stderr with exit code 2.
+them. ECS errors and usage errors are printed as one line on stderr,
+`nftsg: CODE: message (at path)`, with exit code 2.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from nftsg.translators.explain import explain
 from nftsg.translators.network import Network
 from nftsg.translators.validate import load_network
 
-from . import ecs_cli, lab_commands, verify_command
+from . import cleanup, ecs_cli, lab_commands, verify_command
 from .documents import read_document_file
 
 EXIT_ERROR = 2
@@ -141,6 +142,7 @@ REGISTRARS: dict[str, Registrar] = {
     "verify": verify_command.register,
     "ecs": ecs_cli.register_ecs,
     "api-key": ecs_cli.register_api_key,
+    "cleanup": cleanup.register,
 }
 
 

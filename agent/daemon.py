@@ -8,17 +8,23 @@ Each round of the loop:
 3. syncs every router that is not at the loaded revision, each on its own: a
    failure in one router (compile, nft, anything) is logged with its context,
    leaves that router's last good rules in force, and is retried with backoff
-   as a full resync, while the other routers go on being enforced;
+   as a full resync, while the other routers go on being enforced; then, with
+   `host_ports` (agent/host_mode.py, on in `run_forever`), plugs the existing
+   interfaces of bound ENIs into the routers that enforce them;
 4. every `verify_every` seconds, checks each router's table against the applied
    program by content (skipped when the namespace's nftables generation has not
    moved since the last check) and rewrites a drifted table in full at once;
+   with `table_events` (agent/events.py, on in `run_forever`), a router whose
+   table another process committed to is checked at the start of the next
+   round, so a tamper is repaired within a round; the periodic check stays as
+   the backstop;
 5. every `selfcheck_every` seconds, compares the evaluator's verdict with the
    packet tracer's over the kernel's listing for a sample of tracked flows
    (`selfcheck.py`), logging and counting disagreements.
 
 After a restart a router whose kernel table already holds the program (by
 content) is adopted without a rewrite. Stopping the agent (SIGTERM, SIGINT)
-leaves the rules in place; only `nftsg lab down` removes them. Nothing a round
+leaves the rules in place; only `nftsg lab down` or `nftsg cleanup` removes them. Nothing a round
 raises stops the loop: the last resort logs and backs off.
 """
 
@@ -43,6 +49,8 @@ from nftsg.translators.validate import build_network
 
 from . import netns
 from .conntrack import Conntracker, as_evaluator_flow, prune_flows
+from .events import TableEvents
+from .host_mode import HostPorts, LinkEvents
 from .lab import Lab
 from .nft_backend import Backend, NftBackend
 from .reconcile import Compile, FlowJudge, Reconciler, SyncFailed
@@ -112,6 +120,9 @@ class RouterState:
     unjudged: bool = False  # committed, but the tracked flows still wait to be judged
     recorded: bool = True  # the store knows the revision in force
     generation: int | None = None  # nft generation when last found equal by content
+    # Its namespace did not exist at the last attempt: no port can be plugged into
+    # it, so it has nothing to enforce yet and does not hold back READY.
+    absent: bool = False
 
 
 class Agent:
@@ -133,6 +144,8 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         notify: Notify | None = None,
         watchdog_every: float | None = None,
+        table_events: TableEvents | None = None,
+        host_ports: HostPorts | None = None,
     ) -> None:
         self.settings = settings
         self.store = store if store is not None else Store(settings.db_path)
@@ -152,6 +165,15 @@ class Agent:
         self.notify: Notify = notify or (lambda _state: None)
         self.watchdog_every = watchdog_every
         self.ready = False
+        # Commits by other processes in the routers' namespaces (agent/events.py):
+        # those routers are checked by content at the start of the next round.
+        self.table_events = table_events
+        # Host mode (agent/host_mode.py): bound ENIs' existing interfaces, plugged
+        # into a router only once its rules for them are in force.
+        self.host_ports = host_ports
+        # Called after each router sync with its kind (full, diff, adopted,
+        # failed) and seconds: the metrics' latency histogram (metrics.py).
+        self.on_sync: Callable[[str, float], None] | None = None
         self.reconciler = Reconciler(
             self.backend,
             self.lab.router_ns,
@@ -160,6 +182,7 @@ class Agent:
             namespace_exists=namespace_exists,
             compile_program=compile_program,
             ct_mark_bit=settings.ct_mark_bit,
+            layout=settings.layout,
         )
         self.revision: int | None = None  # the loaded model's revision
         self.network: Network | None = None
@@ -173,6 +196,7 @@ class Agent:
         self._load_retry_at = 0.0
         self._failed_revision: int | None = None
         self._document_digest = ""
+        self._store_empty = False  # nothing stored yet: nothing to enforce
         self._next_verify = clock() + verify_every
         self._next_selfcheck = clock() + selfcheck_every
         # Ruleset objects of kernel listings, by namespace and generation: the
@@ -186,9 +210,11 @@ class Agent:
         now = self.clock()
         self._load(now)
         if self.network is None:
-            return False
+            return self._store_empty
         network = self.network
+        self._check_changed_tables()
         in_force = self._sync_routers(network, now)
+        self._plug_ports()
         if now >= self._next_verify:
             self._next_verify = now + self.verify_every
             self.verify()
@@ -205,6 +231,7 @@ class Agent:
         except Exception as exc:
             self._count_failure("store", f"cannot read the stored revision: {exc}")
             return
+        self._store_empty = revision == 0
         if revision == 0 or revision == self.revision:
             return
         if revision == self._failed_revision and now < self._load_retry_at:
@@ -213,7 +240,8 @@ class Agent:
             state = self.store.load()
             if state is None:
                 return
-            network = build_network(topology_from_data(state.topology))
+            topology = topology_from_data(state.topology)
+            network = build_network(topology)
         except Exception as exc:
             self._load_failures += 1
             self._failed_revision = revision
@@ -229,6 +257,8 @@ class Agent:
         self._failed_revision = None
         self.revision, self.network = state.revision, network
         self._document_digest = state.digest
+        if self.host_ports is not None:
+            self.host_ports.set_model(network, topology)
         wanted = {self.lab.router_ns(v): v for v in network.vpcs}
         for namespace in set(self.routers) - set(wanted):
             del self.routers[namespace]
@@ -238,6 +268,26 @@ class Agent:
             if router.failures:
                 router.retry_at = now  # a new model is a new attempt
         log.info("revision %s loaded", state.revision)
+
+    def _check_changed_tables(self) -> None:
+        """Routers whose table another process committed to since the last round are
+        checked by content now; a drifted one is rewritten in this same round."""
+        if self.table_events is None:
+            return
+        self.table_events.watch(self.routers)
+        changed = self.table_events.changed() & set(self.routers)
+        if changed:
+            self.counters["drift_checks.event"] += 1
+            self.verify(sorted(changed))
+
+    def _plug_ports(self) -> None:
+        if self.host_ports is None:
+            return
+        in_force = {r.vpc_id for r in self.routers.values() if r.revision == self.revision}
+        try:
+            self.host_ports.converge(in_force)
+        except Exception as exc:
+            self._count_failure("host_ports", f"host mode: {type(exc).__name__}: {exc}")
 
     def _sync_routers(self, network: Network, now: float) -> bool:
         in_force = True
@@ -251,20 +301,33 @@ class Agent:
                 continue
             if router.revision == self.revision:  # only the flows are left to judge
                 report = self.reconciler.judge_flows(network, router.vpc_id)
+                self.counters["flows_cut"] += report.flows_cut.get(namespace, 0)
                 self._after_judging(namespace, router, report.unjudged, now)
                 continue
+            started = time.perf_counter()
             try:
                 report = self.reconciler.sync_namespace(
                     network, router.vpc_id, adopt=not router.drifted
                 )
             except SyncFailed as exc:
+                self._observe_sync("failed", started)
                 self._router_failed(namespace, router, exc, now)
                 in_force = False
                 continue
             if namespace not in report.commands:  # the namespace does not exist (yet)
-                in_force = False
+                router.absent = True
                 continue
+            router.absent = False
+            kind = (
+                "adopted"
+                if report.adopted.get(namespace)
+                else "full"
+                if report.full[namespace]
+                else "diff"
+            )
+            self._observe_sync(kind, started)
             self.counters["syncs"] += 1
+            self.counters["flows_cut"] += report.flows_cut.get(namespace, 0)
             router.revision = self.revision
             router.failures = 0
             router.drifted = False
@@ -275,17 +338,19 @@ class Agent:
                 "revision %s in force in %s: %s, %d commands, %d flows cut",
                 self.revision,
                 namespace,
-                "adopted"
-                if report.adopted.get(namespace)
-                else "full"
-                if report.full[namespace]
-                else "diff",
+                kind,
                 report.commands[namespace],
                 report.flows_cut.get(namespace, 0),
             )
             self._after_judging(namespace, router, report.unjudged, now)
             self._record(namespace, router)
-        return in_force and all(r.revision == self.revision for r in self.routers.values())
+        return in_force and all(
+            r.revision == self.revision or r.absent for r in self.routers.values()
+        )
+
+    def _observe_sync(self, kind: str, started: float) -> None:
+        if self.on_sync is not None:
+            self.on_sync(kind, time.perf_counter() - started)
 
     def _after_judging(
         self, namespace: str, router: RouterState, unjudged: dict[str, str], now: float
@@ -346,11 +411,14 @@ class Agent:
             return None
         return value if isinstance(value, int) else None
 
-    def verify(self) -> list[str]:
-        """Check every router in force by content; drifted ones are rewritten in full on
-        the next round (at once: drift is not a failure to back off from)."""
+    def verify(self, namespaces: list[str] | None = None) -> list[str]:
+        """Check every router in force (or those in `namespaces`) by content; drifted ones
+        are rewritten in full by the next sync (at once: drift is not a failure to back
+        off from)."""
         drifted = []
         for namespace, router in sorted(self.routers.items()):
+            if namespaces is not None and namespace not in namespaces:
+                continue
             if router.revision is None or namespace not in self.reconciler.applied:
                 continue
             generation = self._generation(namespace)
@@ -480,14 +548,34 @@ class Agent:
         log.info("agent stopping; rules stay in place")
 
     def close(self) -> None:
+        if self.table_events is not None:
+            self.table_events.close()
+        if self.host_ports is not None:
+            self.host_ports.close()
         self.backend.close()
         self.store.close()
 
 
-def run_forever(settings: Settings, reload_settings: Callable[[Agent], None] | None = None) -> int:
-    agent = Agent(settings, notify=systemd_notifier(), watchdog_every=watchdog_interval())
+def run_forever(
+    settings: Settings,
+    reload_settings: Callable[[Agent], None] | None = None,
+    attach: Callable[[Agent], Callable[[], None]] | None = None,
+) -> int:
+    """Run the agent until SIGTERM/SIGINT. `attach` starts what serves beside the loop
+    (metrics, API) and returns how to stop it."""
+    agent = Agent(
+        settings,
+        notify=systemd_notifier(),
+        watchdog_every=watchdog_interval(),
+        table_events=TableEvents(),
+        host_ports=HostPorts(Lab(settings.prefix), events=LinkEvents()),
+        poll_interval=settings.poll_interval,
+        verify_every=settings.verify_interval,
+        selfcheck_every=settings.selfcheck_interval,
+    )
     if reload_settings is not None:
         agent.on_reload = lambda: reload_settings(agent)
+    detach = attach(agent) if attach is not None else None
 
     agent_pid = os.getpid()
 
@@ -509,5 +597,7 @@ def run_forever(settings: Settings, reload_settings: Callable[[Agent], None] | N
     try:
         agent.run()
     finally:
+        if detach is not None:
+            detach()
         agent.close()
     return 0

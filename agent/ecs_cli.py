@@ -1,4 +1,6 @@
-"""`nftsg ecs ACTION --Param value ...` and `nftsg api-key create|list|delete` (design.md §4).
+"""`nftsg ecs ACTION --Param value ...` and `nftsg api-key create|list|delete`.
+
+The commands of docs/design.md §"Command line"; the API they talk to is docs/api.md.
 
 `nftsg ecs` talks to the running agent over its unix socket (no signature:
 the socket is 0600 and the agent checks the caller's uid), sends the

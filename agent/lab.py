@@ -5,7 +5,7 @@ One namespace per VPC router (`{prefix}-r-{vpc}`), one per instance
 or external port is a veth pair created straight between the router and the
 host namespace, so its names never meet the host's own links.
 
-The recipe (see the lab notes for why each piece is there):
+The recipe (docs/kernel-notes.md §"The VPC router recipe" says why each piece is there):
 
 Router
   - forwarding on (IPv4, IPv6); rp_filter 0: anti-spoofing is the firewall's
@@ -96,7 +96,7 @@ _ROUTER_SYSCTLS: dict[str, int] = {
     "net/ipv6/conf/default/accept_ra": 0,
     # No EUI-64 link-locals on ports: fe80::1 is the only one, added by us.
     "net/ipv6/conf/default/addr_gen_mode": 1,
-    # ECS tracks sessions for at most 910 s idle (semantics.md "State"); the
+    # ECS tracks sessions for at most 910 s idle (docs/semantics.md §State); the
     # kernel's default for established TCP is five days.
     "net/netfilter/nf_conntrack_tcp_timeout_established": 910,
     # With loose pickup, a TCP packet whose entry is gone (timed out, flushed)
@@ -252,9 +252,10 @@ class Lab:
         self._plan = plan
         return list(plan.routers)
 
-    def apply(self, network: Network) -> None:
-        """Build or converge the lab to `network`; idempotent."""
-        plan = build_plan(network, self.prefix)
+    def apply(self, network: Network, bound: frozenset[str] = frozenset()) -> None:
+        """Build or converge the lab to `network`; idempotent. ENIs in `bound` are host
+        mode's (`agent/host_mode.py`): their router ports are kept, never built."""
+        plan = build_plan(network, self.prefix, bound)
         started = time.perf_counter()
         try:
             _Converger(plan, set(self.existing())).run()
@@ -267,6 +268,18 @@ class Lab:
             len(plan.namespaces),
             time.perf_counter() - started,
         )
+
+    def converge_router(
+        self, network: Network, namespace: str, bound: frozenset[str] = frozenset()
+    ) -> None:
+        """Converge the ports present in one router namespace (sysctls, fe80::1, routes,
+        neighbours, up), lab-built and bound alike; nothing is created or removed. For
+        host mode, after it moved an interface in."""
+        plan = build_plan(network, self.prefix, bound)
+        try:
+            _Converger(plan, set()).converge_router_only(namespace)
+        except (NetlinkError, netns.NetnsError, OSError) as exc:
+            raise LabError(f"router {namespace}: converge failed: {exc}") from exc
 
     def destroy(self) -> None:
         """Remove every namespace of this lab (and so every link); idempotent.
@@ -322,6 +335,14 @@ class _Converger:
             for handle in self.handles.values():
                 handle.close()
 
+    def converge_router_only(self, ns: str) -> None:
+        try:
+            self.handles = {ns: netns.iproute(ns)}
+            self._converge_router(ns, self.plan.routers.get(ns, ()))
+        finally:
+            for handle in self.handles.values():
+                handle.close()
+
     # -- links ------------------------------------------------------------------
     def _links(self, ns: str) -> dict[str, Any]:
         links = self._link_cache.get(ns)
@@ -351,6 +372,8 @@ class _Converger:
         changed: set[str] = set()  # re-read once at the end, not after every pair
         for ns, ports in self.plan.routers.items():
             for port in ports:
+                if port.bound:  # an existing interface: host mode plugs it in
+                    continue
                 rlink = self._links(ns).get(port.router_ifname)
                 hlink = self._links(port.host_ns).get(port.host_ifname)
                 if rlink is not None and hlink is not None and _paired(rlink, hlink):
@@ -393,11 +416,13 @@ class _Converger:
     # -- router -----------------------------------------------------------------
     def _converge_router(self, ns: str, ports: tuple[Port, ...]) -> None:
         ipr = self.handles[ns]
+        links = self._links(ns)
+        # A bound port is there only while its interface is plugged in.
+        ports = tuple(p for p in ports if p.router_ifname in links)
         sysctls: dict[str, int] = {}
         for port in ports:
             sysctls.update(_router_port_sysctls(port.router_ifname))
         netns.write_sysctls(ns, sysctls)
-        links = self._links(ns)
         index = {p.router_ifname: links[p.router_ifname].get("index") for p in ports}
         _set_up(ipr, links.values())
 

@@ -15,17 +15,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from nftsg.translators.model import Topology, parse_topology_text
+from nftsg.translators.bindings import bound_eni_ids
+from nftsg.translators.errors import EcsError
+from nftsg.translators.model import Topology, parse_topology_text, topology_from_data
 from nftsg.translators.network import Network
 from nftsg.translators.validate import build_network
+from pyroute2.netlink.exceptions import NetlinkError
 
-from . import netns
+from . import agent_settings, netns
 from .documents import read_document_file
 from .lab import Lab
 from .labplan import LabError
 from .netns import NetnsError
 from .nft_backend import NftError
+from .preflight import PreflightError
 from .settings import Settings, SettingsError, settings_from_env
 from .store import Store, StoreError
 
@@ -44,6 +49,7 @@ OPERATOR_ERRORS: tuple[type[Exception], ...] = (
     StoreError,
     NftError,
     SettingsError,
+    PreflightError,
 )
 
 
@@ -240,7 +246,7 @@ def lab_up(args: argparse.Namespace) -> int:
         store.set_setting("prefix", settings.prefix)
         agent = start_agent(settings)
         wait_in_force(settings, store, lab, network, revision, args.timeout, agent)
-        lab.apply(network)
+        lab.apply(network, bound_eni_ids(topology))
         elapsed = time.monotonic() - started
     finally:
         store.close()
@@ -263,10 +269,13 @@ def lab_down(args: argparse.Namespace) -> int:
         store = Store(settings.db_path)
         try:
             stored = store.get_setting("prefix")
+            state = store.load()
         finally:
             store.close()
         if stored:
             prefixes.add(stored)
+        if state is not None:
+            give_back_bound_interfaces(Lab(stored or settings.prefix), state.topology)
     removed = 0
     for prefix in sorted(prefixes):
         lab = Lab(prefix)
@@ -283,6 +292,24 @@ def lab_down(args: argparse.Namespace) -> int:
             pass
     print(f"lab down: {removed} namespaces removed")
     return 0
+
+
+def give_back_bound_interfaces(lab: Lab, document: dict[str, Any]) -> None:
+    """Host mode: bound interfaces leave the routers before the routers go."""
+    from .host_mode import HostPorts
+
+    try:
+        topology = topology_from_data(document)
+        if not topology.bindings:
+            return
+        ports = HostPorts(lab)
+        ports.set_model(build_network(topology), topology)
+        released = ports.release_all()
+    except (EcsError, NetlinkError, NetnsError, OSError) as exc:
+        print(f"lab down: cannot give bound interfaces back: {exc}", file=sys.stderr)
+        return
+    if released:
+        print(f"lab down: {released} bound interfaces given back")
 
 
 def lab_exec(args: argparse.Namespace) -> int:
@@ -317,23 +344,9 @@ def lab_check(args: argparse.Namespace) -> int:
 
 
 def agent_command(args: argparse.Namespace) -> int:
-    from .daemon import run_forever
+    from . import agent_run
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    require_root()
-    require_kernel_features()
-    settings = settings_from_env(args.state_dir, args.prefix, args.table)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    other = agent_pid(settings)
-    if other is not None and other != os.getpid():
-        # Two agents would fight over the same tables.
-        raise LabCommandError(
-            f"an agent (pid {other}) already serves {settings.state_dir}; stop it first"
-        )
-    settings.pid_path.write_text(f"{os.getpid()}\n")
-    return run_forever(settings)
+    return agent_run.run(args)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -365,4 +378,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     agent = sub.add_parser("agent", parents=[common], help="run the agent in the foreground")
     agent.add_argument("--table", help="nftables table name (default nftsg)")
+    agent_settings.add_arguments(agent)
     agent.set_defaults(handler=agent_command)

@@ -39,6 +39,9 @@ class Port:
     table: int | None  # host routing table for replies from this port (multi-ENI only)
     ipv4: tuple[ipaddress.IPv4Interface, ...]
     ipv6: tuple[ipaddress.IPv6Interface, ...]
+    # Host mode: an existing interface the agent moves into the router under
+    # `router_ifname`; the lab neither creates nor removes it (no host side).
+    bound: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,20 +79,21 @@ def lab_name_pattern(prefix: str) -> re.Pattern[str]:
     return re.compile(rf"^{re.escape(prefix)}-[rix]-.+$")
 
 
-def _eni_port(network: Network, eni: Eni, prefix: str, multi: bool) -> Port:
+def _eni_port(network: Network, eni: Eni, prefix: str, multi: bool, bound: bool = False) -> Port:
     vsw = next(s for s in network.vpcs[eni.vpc_id].vswitches if s.vswitch_id == eni.vswitch_id)
     v6len = vsw.ipv6_cidr.prefixlen if vsw.ipv6_cidr is not None else 64
     return Port(
         key=eni.eni_id,
         router_ns=router_ns_name(prefix, eni.vpc_id),
-        host_ns=instance_ns_name(prefix, eni.instance_id),
+        host_ns="" if bound else instance_ns_name(prefix, eni.instance_id),
         router_ifname=eni.ifname,
-        host_ifname=eni.peer_ifname,
+        host_ifname="" if bound else eni.peer_ifname,
         mac=eni.mac,
         index=eni.device_index,
         table=TABLE_BASE + eni.device_index if multi else None,
         ipv4=tuple(ipaddress.IPv4Interface(f"{a}/{vsw.cidr.prefixlen}") for a in eni.ipv4),
         ipv6=tuple(ipaddress.IPv6Interface(f"{a}/{v6len}") for a in eni.ipv6),
+        bound=bound,
     )
 
 
@@ -109,20 +113,29 @@ def _external_port(ext: ExternalHost, prefix: str) -> Port:
     )
 
 
-def build_plan(network: Network, prefix: str) -> Plan:
+def build_plan(network: Network, prefix: str, bound: frozenset[str] = frozenset()) -> Plan:
+    """The lab for `network`. ENIs in `bound` (host mode) get a router port that the
+    lab leaves to the agent, and no instance side; an instance all of whose ENIs
+    are bound gets no namespace."""
     check_prefix(prefix)
     routers: dict[str, list[Port]] = {router_ns_name(prefix, v): [] for v in network.vpcs}
     hosts: dict[str, list[Port]] = {}
     names: dict[str, str] = {}
     for inst in network.instances.values():
         ns = instance_ns_name(prefix, inst.instance_id)
-        names[inst.instance_id] = ns
         multi = len(inst.eni_ids) > 1
-        ports = [_eni_port(network, network.enis[e], prefix, multi) for e in inst.eni_ids]
-        hosts[ns] = sorted(ports, key=lambda p: p.index)
+        ports = [
+            _eni_port(network, network.enis[e], prefix, multi, e in bound) for e in inst.eni_ids
+        ]
         for p in ports:
-            names[p.key] = ns
             routers[p.router_ns].append(p)
+        built = [p for p in ports if not p.bound]
+        if not built:
+            continue
+        names[inst.instance_id] = ns
+        hosts[ns] = sorted(built, key=lambda p: p.index)
+        for p in built:
+            names[p.key] = ns
     for ext in network.externals.values():
         port = _external_port(ext, prefix)
         names[ext.name] = port.host_ns

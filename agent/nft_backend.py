@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 NETNS_DIR = "/run/netns"
 
-# Loading ~40k rules leaves ~350 MB in glibc's free lists (docs/kernel-notes.md); trim
-# after batches at least this long (a one-element update is not worth it).
+# Loading ~40k rules leaves ~350 MB in glibc's free lists (docs/kernel-notes.md
+# §"Memory after large loads"); trim after batches at least this long (a
+# one-element update is not worth it).
 _TRIM_AFTER_COMMANDS = 1000
 
 _T = TypeVar("_T")

@@ -18,7 +18,7 @@ the caller retries.
 After a change every tracked flow is judged against the new model: flows it
 denies are marked (the ruleset drops marked flows both ways), flows it allows
 again are unmarked, so a change applies to established flows too; flows that
-stay allowed are left alone and lose no packet (docs/semantics.md, "State").
+stay allowed are left alone and lose no packet (docs/semantics.md §State).
 """
 
 from __future__ import annotations

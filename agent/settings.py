@@ -22,9 +22,11 @@ CT_MARK_BIT_ENV = "NFTSG_CT_MARK_BIT"
 class SettingsError(ValueError):
     """A setting from the environment that cannot be used."""
 
+
 # The agent still enforces with the v4 layout by default: the real-traffic scenario
 # harness (netns-tests/harness.py) reads v4's per-bucket sets back from the kernel.
-# NFTSG_LAYOUT=flat selects the flattened layout (docs/dataplane.md, v5).
+# NFTSG_LAYOUT=flat selects the flattened layout (docs/dataplane.md
+# §"v5: objects, chains, flattening").
 DEFAULT_AGENT_LAYOUT: Layout = "v4"
 
 
@@ -35,6 +37,16 @@ class Settings:
     table: str
     # The one conntrack mark bit of revoked flows; the other bits belong to others.
     ct_mark_bit: int = DEFAULT_CT_MARK_BIT
+    # From the settings file, environment and options of `nftsg agent`
+    # (agent_settings.py); the defaults are those of a settings-less agent.
+    api_listen: str = "127.0.0.1:7380"  # the ECS HTTP API
+    metrics_listen: str = ""  # Prometheus metrics; "" for none
+    log_level: str = "info"
+    poll_interval: float = 0.05
+    verify_interval: float = 5.0
+    selfcheck_interval: float = 60.0
+    layout: Layout | None = None  # None: NFTSG_LAYOUT, else DEFAULT_AGENT_LAYOUT
+    config_path: Path | None = None  # the settings file read, if any
 
     @property
     def db_path(self) -> Path:

@@ -1,7 +1,8 @@
 """`EnforcedLab`: a lab with nftsg enforcing it, driven in-process, for the scenario tests.
 
 One `EnforcedLab` is one lab (its own namespace prefix), one real nft backend,
-the daemon's conntrack pruner and one `Reconciler`, with no daemon in between:
+the daemon's conntrack flow judge (it marks the flows a change denies, deletes
+none) and one `Reconciler`, with no daemon in between:
 
     lab.up(topology)          build the model, create the VPC routers, enforce the
                               rules, then create the instances (rules are in force
@@ -253,7 +254,7 @@ class EnforcedLab:
             self.backend,
             self.lab.router_ns,
             table=table,
-            prune_flows=prune_flows,  # the daemon's pruner
+            prune_flows=prune_flows,  # the daemon's flow judge: marks, never deletes
             namespace_exists=netns.exists,
             ct_mark_bit=ct_mark_bit,
         )
@@ -571,7 +572,7 @@ def _udp_oneway(
         server.close()
 
 
-# -- long-lived flows (docs/semantics.md, "State") -----------------------------------------
+# -- long-lived flows (docs/semantics.md §State) -----------------------------------------
 
 _RECORD = struct.Struct("!Qd")  # sequence number, send time
 
@@ -774,7 +775,8 @@ class UdpStream(_Stream):
 
 # -- the rules of one ENI as the kernel holds them -------------------------------------
 #
-# The layout is docs/dataplane.md's: per-ENI chains `in_<eni>` / `out_<eni>` that look
+# The layout is v4 of docs/dataplane.md §"v4 objects (layout option; what the agent
+# enforces by default)": per-ENI chains `in_<eni>` / `out_<eni>` that look
 # packets up in per-group rule sets `g_<group>_<in|out>_p<priority>_<a|d>_<v4|v6>_<part>`
 # (`proto . peer . dport . sport . local`; a group reference is expanded into its
 # members' addresses, a prefix list into its entries).

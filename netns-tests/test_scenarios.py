@@ -3,8 +3,8 @@
 Each test builds a small topology, enforces it with nftsg, and checks three
 things: the ruleset in the kernel, the traffic (the reference evaluator's
 prediction, the scenario's expectation and the kernel's behaviour all agree),
-and that a second sync changes nothing. docs/semantics.md sections: "A rule",
-"Defaults", "Vocabulary" (external hosts, default group).
+and that a second sync changes nothing. docs/semantics.md §"A rule",
+§Defaults and §Vocabulary (external hosts, default group).
 """
 
 from __future__ import annotations

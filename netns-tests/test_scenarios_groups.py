@@ -1,9 +1,10 @@
 """Real-traffic scenarios: pooled rules and priorities, several groups per ENI, secondary
 ENIs, 5-tuple rules, group references, intra-group policy, advanced groups, prefix lists.
 
-docs/semantics.md sections: "Vocabulary", "A rule", "Group references", "Evaluation
-of a new flow" (all four steps). Every test checks the kernel's ruleset, the
-traffic against the reference evaluator, and that a second sync sends nothing.
+docs/semantics.md §Vocabulary, §"A rule", §"Group references" and §"Evaluation of
+a new flow" (every step, and what it means for Drop-policy and advanced groups).
+Every test checks the kernel's ruleset, the traffic against the reference
+evaluator, and that a second sync sends nothing.
 """
 
 from __future__ import annotations

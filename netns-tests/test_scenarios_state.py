@@ -1,8 +1,8 @@
 """Real-traffic scenarios: state. Replies and related ICMP errors, changes applied to
 flows that already exist, session tracking, anti-spoofing, rejected changes.
 
-docs/semantics.md sections: "State", "Limits" and "API behaviours" (a rejected
-change touches nothing); docs/design.md, "Anti-spoofing". Long-lived flows send a
+docs/semantics.md §State, §Limits and §"API behaviours" (a rejected change
+touches nothing); docs/design.md §Anti-spoofing. Long-lived flows send a
 record every 2 ms in background threads while the model changes under them.
 """
 

@@ -11,7 +11,10 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-apt_packages=(nftables python3-nftables conntrack iproute2 python3-venv iputils-ping procps iperf3 gcc)
+# python3-systemd: the agent's native journal handler; systemd (systemd-analyze) and
+# vagrant (14 MB of Ruby) only check deploy/'s unit and Vagrantfile in the tests.
+apt_packages=(nftables python3-nftables conntrack iproute2 python3-venv iputils-ping procps iperf3 gcc
+  python3-systemd systemd vagrant)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -32,6 +35,8 @@ site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 # Link only the nftables package: a .pth to dist-packages would leak all of
 # Debian's Python packages into the venv (seen: protobuf replaced).
 ln -sfn /usr/lib/python3/dist-packages/nftables "$site/nftables"
+# Debian's journal bindings (a C extension for this interpreter), the same way.
+ln -sfn /usr/lib/python3/dist-packages/systemd "$site/systemd"
 
 if ! .venv/bin/python -c 'import nftsg.agent, pytest, hypothesis, ruff, mypy' 2>/dev/null \
    || [ pyproject.toml -nt .venv/.nftsg-installed ]; then

@@ -1,4 +1,4 @@
-"""Every design.md §5 action through Alibaba's unmodified SDK (HTTP + ACS3 signing)
+"""Every action of docs/api.md through Alibaba's unmodified SDK (HTTP + ACS3 signing)
 against the real server: the control plane gets the parsed ECS parameters, the
 SDK parses the ECS-shaped answer."""
 

@@ -597,7 +597,7 @@ def test_flat_membership_change_flushes_no_chain_and_adds_only_new_group_lists(
     born, gone = after - before, before - after
     for verb, _kind, name in structural:
         if name.startswith("intra_") or (verb == "flush" and name in deleted):
-            continue  # the ENI's own intra chain (dataplane.md)
+            continue  # the ENI's own intra chain (docs/dataplane.md)
         pid = name.split("_")[1]
         assert (verb == "add" and pid in born) or (verb == "delete" and pid in gone), name
     # Rules are written only into chains created by this very transaction.

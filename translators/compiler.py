@@ -597,7 +597,8 @@ def check_ct_mark_bit(bit: object) -> int:
 
 
 def forward_chain(ct_mark_bit: int = DEFAULT_CT_MARK_BIT) -> NftChain:
-    """The base chain, in the order of dataplane.md; every rule there is static.
+    """The base chain, in the order of docs/dataplane.md §"Base chain `forward`, in order
+    (v4 and v5)"; every rule there is static.
 
     `ct_mark_bit` is the conntrack mark bit of revoked flows (`DEFAULT_CT_MARK_BIT`).
     """

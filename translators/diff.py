@@ -1,10 +1,10 @@
 """(old program, new program) -> the commands of one transaction that touches only what changed.
 
-Why this shape (docs/kernel-notes.md): element updates cost ~4 ms whatever the set
-size, while anything that adds rules to chains reachable from a verdict map
-makes the kernel re-validate every reachable jump. So membership and prefix
-list changes must stay element deltas, and only chains whose rule list
-changed are flushed and rewritten whole.
+Why this shape (docs/kernel-notes.md §"Cost of a change"): element updates cost
+~4 ms whatever the set size, while anything that adds rules to chains
+reachable from a verdict map makes the kernel re-validate every reachable
+jump. So membership and prefix list changes must stay element deltas, and
+only chains whose rule list changed are flushed and rewritten whole.
 
 Order inside the batch, so that every reference is valid when the kernel
 checks it (nftables checks within the transaction, in command order):

@@ -272,7 +272,7 @@ def _first(owners: dict[str, _Owner]) -> _Owner | None:
 
 
 def evaluate(network: Network, flow: Flow, *, vpc_id: str | None = None) -> Decision:
-    """The verdict for a new flow (docs/semantics.md, "Evaluation of a new flow").
+    """The verdict for a new flow (docs/semantics.md §"Evaluation of a new flow").
 
     `vpc_id` names the VPC router the packet is in; it is needed only when the
     flow's addresses are owned in more than one VPC (overlapping address plans).

@@ -1,4 +1,4 @@
-"""The topology file as written by users (docs/design.md, "Topology file"), as pydantic models.
+"""The topology file as written by users (docs/design.md §"Topology file"), as pydantic models.
 
 These models check structure only (which fields exist, their JSON types).
 Every value constraint with an ECS error code lives in `validate.py`, which
@@ -239,6 +239,23 @@ class ExternalHost(_Strict):
     mac_address: str | None = _f(None)
 
 
+class Binding(_Strict):
+    """Host mode: an ENI enforced on an interface that already exists (a VM's tap, the
+    host end of a container's veth) instead of a veth built by the lab.
+
+    The interface is named by `ifname` or by its own `mac_address` (one of the
+    two), in the named namespace `netns` (iproute2's, under /run/netns) or, when
+    `netns` is omitted, in the agent's own namespace. Checked by
+    `bindings.check_bindings`; the agent moves it into the VPC router
+    (`agent/host_mode.py`).
+    """
+
+    network_interface_id: str = _f(...)
+    netns: str | None = _f(None)
+    ifname: str | None = _f(None)
+    mac_address: str | None = _f(None)
+
+
 class Topology(_Strict):
     region_id: str | None = _f(None)
     vpcs: tuple[Vpc, ...] = _f(())
@@ -246,6 +263,7 @@ class Topology(_Strict):
     security_groups: tuple[SecurityGroup, ...] = _f(())
     instances: tuple[Instance, ...] = _f(())
     external_hosts: tuple[ExternalHost, ...] = _f(())
+    bindings: tuple[Binding, ...] = _f(())
 
 
 def _loc_to_path(loc: tuple[int | str, ...]) -> str:

@@ -1,4 +1,4 @@
-"""Configurable limits (docs/semantics.md, "Limits"), with ECS's defaults.
+"""Configurable limits (docs/semantics.md §Limits), with ECS's defaults.
 
 Where validation enforces each one, and with which ECS code:
 - groups_per_eni: InstanceSecurityGroupLimitExceeded

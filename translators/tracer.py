@@ -1,6 +1,6 @@
 """Walk one packet through a compiled nftables program (libnftables JSON), rule by rule.
 
-This is the packet-trace half of the unit tests (docs/design.md, "Testing": kube-proxy traces
+This is the packet-trace half of the unit tests (docs/design.md §Testing: kube-proxy traces
 packets through its fake ruleset): it interprets exactly the subset of
 libnftables JSON that `compiler.py` writes (docs/dataplane.md) and raises
 `UnsupportedExpression` on anything else, so a new construct in the compiler

@@ -3,7 +3,8 @@
 `build_network` either returns a complete, valid `Network` or raises one
 `EcsError` (code, message, dotted field path). It never returns anything partial.
 
-Decisions where ECS leaves room (docs/semantics.md, "Decisions"), written down once:
+Decisions where ECS leaves room, written down once (all of them are listed in
+docs/semantics.md §"Decisions where Alibaba's documents are silent or disagree"):
 - Peer precedence is CIDR > group > prefix list, as ECS does: the losers are
   ignored and not validated either, so a CIDR rule that also names a group that
   does not exist is accepted (the group id is dropped).
@@ -28,6 +29,7 @@ from dataclasses import dataclass, replace
 
 from . import model as m
 from . import naming
+from .bindings import check_bindings
 from .errors import EcsError
 from .network import (
     PORTED_PROTOCOLS,
@@ -1194,7 +1196,10 @@ def _v6_fields(one: str | None, many: tuple[str, ...], path: str) -> list[tuple[
 
 def build_network(topo: m.Topology, quotas: Quotas = DEFAULT_QUOTAS) -> Network:
     """Check the whole topology and return the normalised network, or raise `EcsError`."""
-    return _Builder(topo, quotas).build()
+    network = _Builder(topo, quotas).build()
+    if topo.bindings:
+        check_bindings(topo, network)  # host mode; the agent reads them again
+    return network
 
 
 def load_network(text: str, quotas: Quotas = DEFAULT_QUOTAS, *, source: str = "") -> Network:
