@@ -2,10 +2,11 @@
 boots /sbin/init (systemd 252), the repository's unit is installed as shipped,
 and systemd runs the agent.
 
-Where the shipped unit lacks `Type=notify`, `WatchdogSec` or `ExecReload`, a
-drop-in adds exactly those (and says so in the test output), so READY, the
-watchdog and reload of the agent are exercised under systemd either way; once
-the unit has them, they are tested as shipped.
+The unit (deploy/systemd/nftsg-agent.service) and the settings file
+(deploy/agent.yaml) are installed where deploy/install-host.sh puts them. One
+test drop-in shortens `WatchdogSec` to 3 s (the hung-agent test would
+otherwise wait a minute), and adds `Type=notify`/`ExecReload` only if the unit
+lacks them; the test output says what it added.
 """
 
 from __future__ import annotations
@@ -83,24 +84,34 @@ def booted(dockerlab: ModuleType, docker_env: dict[str, Any]) -> Iterator[Booted
                 break
             assert time.monotonic() < deadline, f"systemd did not boot: {state}"
             time.sleep(0.5)
-        b.sh(f"cp /opt/nftsg/systemd/{UNIT} /etc/systemd/system/{UNIT}")
-        # The shipped unit's ExecStart must exist in the image (it installs to /opt/nftsg).
+        # The unit and settings file as deploy/install-host.sh places them; the
+        # image's venv stands in for the one it makes (same nftsg, same Python).
+        b.sh(
+            f"src=/opt/nftsg/deploy/systemd/{UNIT}; test -e $src || src=/opt/nftsg/systemd/{UNIT}; "
+            f"cp $src /etc/systemd/system/{UNIT}; mkdir -p /etc/nftsg; "
+            "test -e /opt/nftsg/deploy/agent.yaml && cp -n /opt/nftsg/deploy/agent.yaml "
+            "/etc/nftsg/agent.yaml || true"
+        )
         exec_start = b.sh(f"systemctl cat {UNIT} | sed -n 's/^ExecStart=//p' | tail -1").split()
         assert exec_start, "the unit has no ExecStart"
-        b.sh(f"test -x {exec_start[0]} || ln -s /opt/nftsg/.venv/bin/nftsg {exec_start[0]}")
+        venv = str(Path(exec_start[0]).parent.parent)
+        b.sh(f"test -x {exec_start[0]} || ln -sfn /opt/nftsg/.venv {venv}")
+        b.sh(f"test -x {exec_start[0]}")
         b.sh("systemctl daemon-reload")
         shipped = b.show("Type", "WatchdogUSec", "ExecReload")
         if shipped["Type"] != "notify":
             b.dropin += ["Type=notify", "NotifyAccess=main"]
-        if shipped["WatchdogUSec"] in ("0", "infinity", ""):
-            b.dropin.append("WatchdogSec=3")
+        # The shipped watchdog (60 s) would make the hung-agent test a minute long.
+        b.dropin.append("WatchdogSec=3")
         if "path=" not in shipped.get("ExecReload", ""):
             b.dropin.append("ExecReload=/bin/kill -HUP $MAINPID")
-        if b.dropin:
-            body = "\\n".join(["[Service]", *b.dropin])
-            b.sh(f"mkdir -p {Path(DROPIN).parent} && printf '{body}\\n' > {DROPIN}")
-            b.sh("systemctl daemon-reload")
-            print(f"\nthe shipped unit lacks, so a test drop-in adds: {', '.join(b.dropin)}")
+        body = "\\n".join(["[Service]", *b.dropin])
+        b.sh(f"mkdir -p {Path(DROPIN).parent} && printf '{body}\\n' > {DROPIN}")
+        b.sh("systemctl daemon-reload")
+        print(
+            f"\nunit Type={shipped['Type']} WatchdogUSec={shipped['WatchdogUSec']}; "
+            f"test drop-in: {', '.join(b.dropin)}"
+        )
         # The lab's router and a stored topology, with no agent running yet.
         b.sh(
             "python - <<'EOF'\n"

@@ -56,7 +56,8 @@ from docker.models.containers import Container
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SUITE = "bookworm"
-# Every Debian package scripts/install.sh asks for, and systemd to boot the image.
+# Every Debian package scripts/install.sh asks for (so it installs none: the build has
+# no network), python3-systemd for the unit's journald logs, systemd to boot the image.
 BASE_PACKAGES = (
     "ca-certificates",
     "conntrack",
@@ -70,9 +71,11 @@ BASE_PACKAGES = (
     "procps",
     "python3",
     "python3-nftables",
+    "python3-systemd",
     "python3-venv",
     "systemd",
     "systemd-sysv",
+    "vagrant",
 )
 BASE_REPO = "nftsg-base"
 LABEL = "nftsg.lab"
