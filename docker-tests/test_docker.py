@@ -1,17 +1,28 @@
-"""The agent under a real systemd: a privileged container of the Docker lab's image
-boots /sbin/init (systemd 252), the repository's unit is installed as shipped,
-and systemd runs the agent.
+"""The Docker lab end to end, and the agent under a real systemd.
 
-The unit (deploy/systemd/nftsg-agent.service) and the settings file
+One module (not a conftest.py: netns-tests/ imports its own conftest by name):
+dockerd is started if none answers (and stopped again at the end); the
+debootstrapped base image is kept as the cache between runs; this run's nftsg
+image, containers and dockerd's namespaces of them are removed, also on failure.
+
+The lab: the agent in a privileged container, every host of
+examples/three-tier.yaml in its own `--network none` container, real traffic
+between the containers checked against the reference evaluator.
+
+systemd: a privileged container of the same image boots /sbin/init (systemd
+252); the unit (deploy/systemd/nftsg-agent.service) and the settings file
 (deploy/agent.yaml) are installed where deploy/install-host.sh puts them. One
-test drop-in shortens `WatchdogSec` to 3 s (the hung-agent test would
-otherwise wait a minute), and adds `Type=notify`/`ExecReload` only if the unit
-lacks them; the test output says what it added.
+test drop-in shortens `WatchdogSec` to 3 s (the hung-agent test would otherwise
+wait a minute), and adds `Type=notify`/`ExecReload` only if the unit lacks
+them; the test output says what it added.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +32,117 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_dockerlab() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("dockerlab", REPO / "deploy/docker/dockerlab.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dockerlab"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def dockerlab() -> ModuleType:
+    if os.geteuid() != 0:
+        pytest.skip("the Docker lab needs root")
+    return _load_dockerlab()
+
+
+def docker_netns() -> set[str]:
+    try:
+        return set(os.listdir("/var/run/docker/netns"))
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(scope="session")
+def docker_env(dockerlab: ModuleType) -> Iterator[dict[str, Any]]:
+    """(client, image tag, timings); removes the image (and stops a dockerd it started)."""
+    client, started = dockerlab.docker_client()
+    netns_before = docker_netns()
+    tag = f"nftsg-lab:t{secrets.token_hex(4)}"
+    timings: dict[str, float] = {}
+    try:
+        t0 = time.monotonic()
+        dockerlab.ensure_images(client, tag)
+        timings["images"] = time.monotonic() - t0
+        print(f"\nimages built in {timings['images']:.1f} s")
+        yield {"client": client, "image": tag, "timings": timings}
+    finally:
+        leftover = [
+            c.name
+            for c in client.containers.list(all=True)
+            if c.name.startswith("t") and c.labels.get(dockerlab.LABEL, "").startswith("t")
+        ]
+        for name in leftover:
+            client.containers.get(name).remove(force=True)
+        dockerlab.remove_image(client, tag)
+        # dockerd removes a gone container's namespace file lazily (libnetwork
+        # collects them about a minute later): wait for that, then check.
+        deadline = time.monotonic() + 120
+        while not docker_netns() <= netns_before and time.monotonic() < deadline:
+            time.sleep(1)
+        left = docker_netns() - netns_before
+        client.close()
+        if started:
+            dockerlab.stop_dockerd()
+        assert not leftover, f"containers left behind: {leftover}"
+        assert not left, f"dockerd left container namespaces: {sorted(left)}"
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{secrets.token_hex(4)}"
+
+
+def _host_netns() -> set[str]:
+    try:
+        return set(os.listdir("/run/netns"))
+    except FileNotFoundError:
+        return set()
+
+
+def test_container_lab_traffic_agrees_with_evaluator(
+    dockerlab: ModuleType, docker_env: dict[str, Any], prefix: str
+) -> None:
+    client = docker_env["client"]
+    netns_before = _host_netns()
+    lab = dockerlab.DockerLab(client, prefix, docker_env["image"])
+    try:
+        t0 = time.monotonic()
+        out = lab.up(REPO / "examples/three-tier.yaml")
+        up_s = time.monotonic() - t0
+        assert f"lab {prefix!r} is up" in out
+        containers = {c.name for c in lab.containers()}
+        assert f"{prefix}-agent" in containers and f"{prefix}-i-web1" in containers
+        assert len(containers) == 8  # 5 instances, 2 external hosts, the agent
+
+        t0 = time.monotonic()
+        outcomes = lab.check()
+        check_s = time.monotonic() - t0
+        print(f"\nlab up {up_s:.1f} s, check {check_s:.1f} s")
+        print(dockerlab.render(outcomes))
+        wrong = [o for o in outcomes if o["observed"] != o["expected"]]
+        assert not wrong, dockerlab.render(wrong, verbose=True)
+        assert len(outcomes) > 300
+        allowed = {o["label"] for o in outcomes if o["observed"]}
+        dropped = {o["label"] for o in outcomes if not o["observed"]}
+        # Both verdicts really happen between containers, e.g.:
+        assert "i-web1 -> i-app1 tcp/8080 (10.0.2.10)" in allowed
+        assert "i-db1 -> i-app1 tcp/8080 (10.0.2.10)" in dropped
+        assert "office -> i-bastion tcp/22 (10.0.9.10)" in allowed
+        assert "internet -> i-bastion tcp/22 (10.0.9.10)" in dropped
+        # The router namespaces live in the agent container, not on the host.
+        assert not {n for n in _host_netns() if n.startswith(f"{prefix}-")}
+    finally:
+        lab.down()
+    assert lab.containers() == []
+    assert not {n for n in _host_netns() - netns_before if n.startswith(f"{prefix}-")}
+    assert not Path(f"/run/netns/{prefix}-r-vpc-demo").exists()
+
+
 UNIT = "nftsg-agent.service"
 ROUTER = "nftsg-r-vpc-demo"  # the shipped unit runs the agent with the default prefix
 DROPIN = "/etc/systemd/system/nftsg-agent.service.d/50-test.conf"
