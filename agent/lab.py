@@ -51,6 +51,7 @@ from typing import Any
 from nftsg.translators import naming
 from nftsg.translators.network import Network
 from pyroute2 import IPRoute
+from pyroute2 import netns as _pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import netns
@@ -67,7 +68,7 @@ from .labplan import (
     router_ns_name,
 )
 
-__all__ = ["GATEWAY_V6", "Lab", "LabError", "lab_namespaces"]
+__all__ = ["GATEWAY_V6", "Lab", "LabError", "adopt_namespace", "lab_namespaces"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,27 @@ def lab_namespaces(prefix: str) -> list[str]:
     return [n for n in netns.list_namespaces() if pattern.match(n)]
 
 
+def adopt_namespace(name: str, pid: int) -> None:
+    """Name the network namespace of process `pid` `name` (as `ip netns attach` does).
+
+    For instances whose namespace something else made, such as a container
+    started with `--network none`: once a lab's instance or external-host name
+    points at it, `Lab.apply()` plugs the ENIs into it as into a namespace of
+    its own (it holds only `lo`; any other link there would be removed as
+    stale). Removing the name (`Lab.destroy()`) unplugs the ENIs' veths with
+    the router namespace but leaves the namespace itself to its owner.
+    """
+    path = netns.path_of(name)
+    if os.path.exists(path):
+        raise LabError(f"network namespace {name!r} already exists")
+    if not os.path.exists(f"/proc/{pid}/ns/net"):
+        raise LabError(f"cannot adopt the namespace of pid {pid} as {name!r}: no such process")
+    try:
+        _pr_netns.attach(name, pid)
+    except OSError as exc:
+        raise LabError(f"cannot adopt the namespace of pid {pid} as {name!r}: {exc}") from exc
+
+
 class Lab:
     """Builds, converges and removes the namespaces of one lab."""
 
@@ -196,6 +218,20 @@ class Lab:
 
     def existing(self) -> list[str]:
         return lab_namespaces(self.prefix)
+
+    def adopt(self, network: Network, name: str, pid: int) -> str:
+        """Use the network namespace of process `pid` for instance (or external host)
+        `name` of `network`; returns the namespace name.
+
+        Call before `apply()` (or `nftsg lab up`), which then plugs that host's
+        ports into it instead of creating a namespace.
+        """
+        try:
+            ns = build_plan(network, self.prefix).host_names[name]
+        except KeyError:
+            raise LabError(f"{name!r} is no instance or external host of the model") from None
+        adopt_namespace(ns, pid)
+        return ns
 
     # -- build / converge -------------------------------------------------------
     def ensure_routers(self, network: Network) -> list[str]:

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 
 echo "==> ruff"
-.venv/bin/ruff check translators agent tests netns-tests
+.venv/bin/ruff check translators agent tests netns-tests docker-tests deploy/docker
 echo "==> mypy (strict on translators/)"
 # mypy cannot follow the editable install's folder mapping (translators/ ->
 # nftsg.translators), so give it the installed names through symlinks; then the
@@ -17,4 +17,4 @@ ln -sfn "$PWD/translators" .venv/typecheck/nftsg/translators
 ln -sfn "$PWD/agent" .venv/typecheck/nftsg/agent
 MYPYPATH=.venv/typecheck .venv/bin/mypy -p nftsg.translators -p nftsg.agent
 echo "==> pytest"
-.venv/bin/pytest -q -p no:cacheprovider tests netns-tests "$@"
+.venv/bin/pytest -q -p no:cacheprovider tests netns-tests docker-tests "$@"
