@@ -767,7 +767,7 @@ def test_scale_compiles_with_lookups_bounded_by_a_constant(scale_network: Networ
         f"{prog.element_count()} elements, {len(text) / 1e6:.1f} MB JSON; "
         f"compile best {min(times):.3f}s, render best {min(render):.3f}s"
     )
-    assert min(times) < 3.0  # shared 2-core machine; ~1.0-1.2 s when quiet
+    # The compile time is printed, not asserted: bench/ measures it side by side.
     # Objects per group list, nothing per ENI or per group: 4 flat sets per list.
     assert len(flat) == 4 * len(profiles)
     assert not fallback
