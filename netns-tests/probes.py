@@ -107,6 +107,13 @@ def ping(ns: str, addr: Address, timeout: float = 1.0, src: Address | None = Non
     return ping_probe(ns, addr, src=src, timeout=timeout).ok
 
 
+def reaches(ns: str, addr: Address, attempts: int = 3, timeout: float = 1.0) -> bool:
+    """An echo that must get through: a few attempts, because the first packet to a
+    fresh neighbour can wait on its resolution for about a second on a loaded
+    machine (seen in CI). Never use it for a flow that must be dropped."""
+    return any(ping(ns, addr, timeout=timeout) for _ in range(attempts))
+
+
 def ns_exec(ns: str, argv: list[str], timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
     """Run a command inside namespace `ns` (for inspection in tests)."""
     return subprocess.run(

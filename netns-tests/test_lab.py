@@ -19,7 +19,7 @@ from nftsg.agent import netns
 from nftsg.agent.lab import Lab, LabError, lab_namespaces
 from nftsg.translators.network import Network
 from nftsg.translators.validate import load_network
-from probes import ns_exec, ping, tcp_probe, udp_probe
+from probes import ns_exec, ping, reaches, tcp_probe, udp_probe
 
 
 def _ip_json(ns: str, *args: str) -> list[dict]:  # type: ignore[type-arg]
@@ -107,12 +107,12 @@ def test_demo_every_host_pings_every_other(demo_lab: Lab, demo_network: Network)
     for a, b in itertools.permutations(sorted(hosts), 2):
         src = demo_lab.host_ns(a)
         for addr in hosts[b][0]:
-            if not ping(src, addr):
+            if not reaches(src, addr):
                 failures.append((a, addr))
         if hosts[a][1]:
             for addr in hosts[b][1]:
                 v6_pairs += 1
-                if not ping(src, addr):
+                if not reaches(src, addr):
                     failures.append((a, addr))
     assert failures == []
     assert v6_pairs >= 6  # web1, web2, app1 and internet have IPv6
@@ -254,7 +254,7 @@ def test_secondary_eni_replies_from_its_own_interface(lab: Lab) -> None:
         # must go out of eth1 although the peer is on eth0's vSwitch.
         eth0, eth1 = _tx_packets(multi, "eth0"), _tx_packets(multi, "eth1")
         for _ in range(30):
-            assert ping(peer, eni_addr)
+            assert reaches(peer, eni_addr)
         assert tcp_probe(peer, multi, eni_addr, 8000).ok
         assert udp_probe(peer, multi, eni_addr, 8000).ok
         assert _tx_packets(multi, "eth1") - eth1 >= 32
@@ -322,7 +322,7 @@ def test_apply_converges_to_a_changed_model(lab: Lab) -> None:
     p = lab.prefix
     router = lab.router_ns("vpc-c")
     a, net = lab.host_ns("i-a"), lab.host_ns("net")
-    assert ping(net, "10.2.1.11") and ping(net, "10.2.2.12")
+    assert reaches(net, "10.2.1.11") and reaches(net, "10.2.2.12")
     links_a = {x["ifname"]: x["ifindex"] for x in _ip_json(a, "link")}
     links_r = {x["ifname"]: x["ifindex"] for x in _ip_json(router, "link")}
 
@@ -355,7 +355,7 @@ def test_apply_converges_to_a_changed_model(lab: Lab) -> None:
     assert "10.2.1.11" not in {n["dst"] for n in _ip_json(router, "neigh")}
     # New and changed: reachable on every new address.
     for addr in ("10.2.1.21", "2001:db8:30:1::21", "10.2.2.13", "10.2.2.10", "10.2.1.10"):
-        assert ping(net, addr), addr
+        assert reaches(net, addr), addr
     assert tcp_probe(net, lab.host_ns("i-a"), "10.2.2.10", 22).ok
     assert _hosts_by_ns(lab, "i-b") == {"10.2.1.21", "2001:db8:30:1::21"}
 
@@ -363,7 +363,7 @@ def test_apply_converges_to_a_changed_model(lab: Lab) -> None:
     lab.apply(load_network(BASE))
     assert {x["ifname"] for x in _ip_json(a, "link")} == {"lo", "eth0"}
     assert [r for r in _ip_json(a, "rule") if r.get("priority") == 1000] == []
-    assert ping(net, "10.2.2.12") and ping(net, "10.2.1.11") and ping(net, "10.2.1.10")
+    assert reaches(net, "10.2.2.12") and reaches(net, "10.2.1.11") and reaches(net, "10.2.1.10")
 
 
 def test_apply_repairs_a_port_deleted_behind_its_back(lab: Lab) -> None:
@@ -374,7 +374,7 @@ def test_apply_repairs_a_port_deleted_behind_its_back(lab: Lab) -> None:
     subprocess.run(["ip", "-n", router, "link", "del", eni.ifname], check=True)
     assert not ping(net, "10.2.1.11", timeout=0.3)
     lab.apply(network)
-    assert ping(net, "10.2.1.11")
+    assert reaches(net, "10.2.1.11")
 
 
 def test_destroy_leaves_nothing_and_is_idempotent(make_lab: Callable[[], Lab]) -> None:
@@ -444,8 +444,8 @@ def test_apply_time_demo_and_50_instances(
     started = time.perf_counter()
     big.apply(network)
     timings["50 instances re-apply"] = time.perf_counter() - started
-    assert ping(big.host_ns("i-n0"), "10.3.1.59")
-    assert ping(big.host_ns("i-n49"), "2001:db8:40:2::10")
+    assert reaches(big.host_ns("i-n0"), "10.3.1.59")
+    assert reaches(big.host_ns("i-n49"), "2001:db8:40:2::10")
     with capsys.disabled():
         print("\n" + ", ".join(f"{k}: {v * 1000:.0f} ms" for k, v in timings.items()))
     assert timings["50 instances build"] < 10
