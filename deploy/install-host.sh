@@ -36,17 +36,9 @@ changed=0
 
 if [ "${NFTSG_SKIP_APT:-0}" != 1 ]; then
   apt_packages=(nftables python3-nftables python3-systemd conntrack iproute2 python3-venv)
-  missing=()
-  for pkg in "${apt_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-  done
-  if [ "${#missing[@]}" -gt 0 ]; then
-    say "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    changed=1
-  fi
+  . "$repo/scripts/debian-packages.sh"
+  ensure_debian_packages "${apt_packages[@]}"
+  if [ "$DEBIAN_PACKAGES_INSTALLED" = 1 ]; then changed=1; fi
 fi
 
 # Debian's interpreter, so the nftables bindings' ctypes loader and libnftables agree.

@@ -15,16 +15,8 @@ fi
 # vagrant (14 MB of Ruby) only check deploy/'s unit and Vagrantfile in the tests.
 apt_packages=(nftables python3-nftables conntrack iproute2 python3-venv iputils-ping procps iperf3 gcc
   python3-systemd systemd vagrant)
-missing=()
-for pkg in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "==> installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. scripts/debian-packages.sh
+ensure_debian_packages "${apt_packages[@]}"
 
 # Debian's interpreter, so the bindings' ctypes loader and libnftables agree.
 if [ ! -x .venv/bin/python ]; then

@@ -7,13 +7,5 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "nftsg docker lab: run as root" >&2
   exit 1
 fi
-missing=()
-for pkg in docker.io debootstrap; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "==> installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. "$(dirname "$0")/../../scripts/debian-packages.sh"
+ensure_debian_packages docker.io debootstrap
