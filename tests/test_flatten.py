@@ -6,7 +6,7 @@ import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nftsg.translators.flatten import Ranked, decide, flatten
+from nftsg.translators.flatten import Ranked, decide, flatten, flatten_labelled
 from nftsg.translators.nft import Span
 
 # A small 3-field space, so every point can be checked.
@@ -79,3 +79,45 @@ def test_beyond_the_limit_there_is_no_flattening() -> None:
     ]
     assert flatten(points, DOMAIN, ORDERS, limit=len(points)) is not None
     assert flatten(points, DOMAIN, ORDERS, limit=len(points) - 1) is None
+
+
+def _decider(rules: list[Ranked], point: tuple[int, ...]) -> int | None:
+    """Index of the deciding rule: smallest rank, the first given among equals."""
+    holding = [i for i, r in enumerate(rules) if _inside(r.box, point)]
+    return min(holding, key=lambda i: (rules[i].rank, i)) if holding else None
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(rules=rules)
+def test_labelled_boxes_name_the_deciding_rule_and_cover_the_same_region(
+    rules: list[Ranked],
+) -> None:
+    labelled = flatten_labelled(rules, DOMAIN, ORDERS, limit=10_000)
+    assert labelled is not None
+    plain = flatten(rules, DOMAIN, ORDERS, limit=10_000)
+    assert plain is not None
+    assert len(labelled) >= len(plain)
+    for point in itertools.product(*(range(s.lo, s.hi + 1) for s in DOMAIN)):
+        holding = [(b, i) for b, i in labelled if _inside(b, point)]
+        assert len(holding) <= 1, (point, holding)
+        decider = _decider(rules, point)
+        if decider is not None and rules[decider].wanted:
+            assert holding and holding[0][1] == decider, point
+        else:
+            assert not holding, point
+        assert bool(holding) == any(_inside(b, point) for b in plain)
+
+
+def test_labelled_keeps_adjacent_rules_of_one_verdict_apart() -> None:
+    left = Ranked((Span(0, 3), Span(0, 15), Span(0, 7)), (1, 1), True)
+    right = Ranked((Span(4, 7), Span(0, 15), Span(0, 7)), (2, 1), True)
+    assert flatten([left, right], DOMAIN, ORDERS, 100) == [DOMAIN]
+    assert flatten_labelled([left, right], DOMAIN, ORDERS, 100) == [
+        (left.box, 0),
+        (right.box, 1),
+    ]
+    # One rule covering everything: a single box, labelled.
+    assert flatten_labelled([right, Ranked(DOMAIN, (1, 1), True)], DOMAIN, ORDERS, 100) == [
+        (DOMAIN, 1)
+    ]
+    assert flatten_labelled([], DOMAIN, ORDERS, 100) == []

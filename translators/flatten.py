@@ -49,8 +49,20 @@ def _covers(outer: Span, inner: Span) -> bool:
 
 
 class _Diagram:
-    def __init__(self, rules: Sequence[Ranked], domain: Box, order: Sequence[int]) -> None:
-        self.rules = sorted(rules, key=lambda r: r.rank)
+    def __init__(
+        self,
+        rules: Sequence[Ranked],
+        domain: Box,
+        order: Sequence[int],
+        labelled: bool = False,
+    ) -> None:
+        # Stable on the input order, so the deciding rule among equal ranks is the
+        # first given (labelled callers sort their input to make that deterministic).
+        self.perm = sorted(range(len(rules)), key=lambda i: rules[i].rank)
+        self.rules = [rules[i] for i in self.perm]
+        # Labelled: a wanted rule's leaf is its own (-1 - index) instead of the one
+        # _YES, so pieces decided by different rules never merge (hit counters).
+        self.labelled = labelled
         self.domain = domain
         self.order = tuple(order)
         # node id -> ((lo, hi, child id), ...) on field order[depth]; 0 and 1 are leaves
@@ -86,7 +98,7 @@ class _Diagram:
             any_wanted = any_wanted or wanted[i]
             if self._full_from[i][depth]:
                 if k == 0:
-                    return _YES if wanted[i] else _NO
+                    return self._leaf(i) if wanted[i] else _NO
                 active = active[: k + 1]
                 break
         if not any_wanted:
@@ -116,13 +128,16 @@ class _Diagram:
         node = tuple(piece for piece in pieces if piece[2] != _NO)
         if not node:
             return _NO
-        if len(node) == 1 and node[0][:2] == (dlo, dhi) and node[0][2] == _YES:
-            return _YES
+        if len(node) == 1 and node[0][:2] == (dlo, dhi) and _is_leaf(node[0][2]):
+            return node[0][2]
         out = self._intern.get(node, -1)
         if out < 0:
             out = self._intern[node] = len(self.nodes)
             self.nodes.append(node)
         return out
+
+    def _leaf(self, i: int) -> int:
+        return -1 - i if self.labelled else _YES
 
     def cost(self) -> tuple[int, int]:
         """(boxes, prefix blocks): root-to-yes paths, and the CIDR-style blocks their
@@ -135,19 +150,25 @@ class _Diagram:
         for n in range(2, len(self.nodes)):  # children are interned before parents
             p = b = 0
             for lo, hi, c in self.nodes[n]:
-                p += paths[c]
-                b += blocks[c] + paths[c] * _blocks(lo, hi)
+                cp, cb = (1, 0) if c < 0 else (paths[c], blocks[c])
+                p += cp
+                b += cb + cp * _blocks(lo, hi)
             paths[n], blocks[n] = p, b
+        if self.root < 0:
+            return 1, 0
         return paths[self.root], blocks[self.root]
 
     def boxes(self) -> list[Box]:
-        out: list[Box] = []
-        n_fields = len(self.order)
+        return [box for box, _ in self.labelled_boxes()]
+
+    def labelled_boxes(self) -> list[tuple[Box, int]]:
+        """Boxes with the input index of their deciding rule (-1 when not labelled)."""
+        out: list[tuple[Box, int]] = []
         cell: list[Span] = list(self.domain)
 
         def walk(node: int, depth: int) -> None:
-            if node == _YES:
-                out.append(tuple(cell))
+            if node == _YES or node < 0:
+                out.append((tuple(cell), self.perm[-1 - node] if node < 0 else -1))
                 return
             f = self.order[depth]
             for lo, hi, child in self.nodes[node]:
@@ -156,13 +177,36 @@ class _Diagram:
             cell[f] = self.domain[f]
 
         if self.root != _NO:
-            walk(self.root, 0) if n_fields else out.append(tuple(cell))
+            walk(self.root, 0)
         return sorted(out)
 
 
 def flatten(
     rules: Sequence[Ranked], domain: Box, orders: Sequence[Sequence[int]], limit: int
 ) -> list[Box] | None:
+    got = _best(rules, domain, orders, limit, labelled=False)
+    return None if got is None else got.boxes()
+
+
+def flatten_labelled(
+    rules: Sequence[Ranked], domain: Box, orders: Sequence[Sequence[int]], limit: int
+) -> list[tuple[Box, int]] | None:
+    """As `flatten`, but each box comes with the index (in `rules`) of the rule that
+    decides it, and only pieces with the same deciding rule are merged; among rules
+    of equal rank holding the same point, the first in `rules` decides. For per-rule
+    hit counters: more boxes than `flatten` where adjacent rules share a verdict."""
+    got = _best(rules, domain, orders, limit, labelled=True)
+    return None if got is None else got.labelled_boxes()
+
+
+def _best(
+    rules: Sequence[Ranked],
+    domain: Box,
+    orders: Sequence[Sequence[int]],
+    limit: int,
+    *,
+    labelled: bool,
+) -> _Diagram | None:
     """The disjoint boxes where the deciding rule is a wanted one, sorted; None if
     every field order in `orders` needs more than `limit` boxes.
 
@@ -170,18 +214,22 @@ def flatten(
     (see `_Diagram.cost`), so the result is deterministic for given rules (their
     input order does not matter).
     """
-    if not any(r.wanted for r in rules):
-        return []
     best: _Diagram | None = None
     best_cost = (limit + 1, 0)
+    if not any(r.wanted for r in rules):
+        return _Diagram([], domain, orders[0] if orders else (), labelled)
     for order in orders:
-        d = _Diagram(rules, domain, order)
+        d = _Diagram(rules, domain, order, labelled)
         boxes, blocks = d.cost()
         if boxes <= limit and (best is None or blocks < best_cost[1]):
             best, best_cost = d, (boxes, blocks)
         if best is not None and best_cost[1] == best_cost[0] * len(domain):
             break  # every field of every box is one block: no order does better
-    return None if best is None else best.boxes()
+    return best
+
+
+def _is_leaf(node: int) -> bool:
+    return node == _YES or node < 0
 
 
 def _blocks(lo: int, hi: int) -> int:
