@@ -26,6 +26,8 @@ from typing import Any
 from .nft import Key, Program, Writer
 from .tracer import TraceError, _element
 
+# A set's `counter` statement, compared as if it were a flag.
+_COUNTER_FLAG = "stmt:counter"
 # (kind, name) -> content; kind is "chain", "set", "map" or "other".
 Canonical = dict[tuple[str, str], Any]
 
@@ -44,8 +46,11 @@ class Opaque:
 
 
 def _strip(value: Any) -> Any:
-    """The JSON value without handles (the kernel's object numbers)."""
+    """The JSON value without handles (the kernel's object numbers) and without counter
+    values (a counter is content; what it has counted is not drift)."""
     if isinstance(value, dict):
+        if set(value) == {"counter"}:
+            return {"counter": None}
         return {k: _strip(v) for k, v in value.items() if k != "handle"}
     if isinstance(value, list):
         return [_strip(v) for v in value]
@@ -114,7 +119,8 @@ def canonical_program(program: Program) -> Canonical:
         out[("chain", chain.name)] = (base, rules)
     for s in program.sets:
         elements = frozenset(_program_key(k) for k in s.elements)
-        out[("set", s.name)] = (s.type, frozenset(s.flags), elements)
+        flags = frozenset(s.flags) | ({_COUNTER_FLAG} if s.counter else set())
+        out[("set", s.name)] = (s.type, flags, elements)
     for m in program.maps:
         rendered = w.map_elements(m.type, m.elements)
         pairs = zip(m.elements, rendered, strict=True)
@@ -153,7 +159,13 @@ def canonical_listing(listing: Mapping[str, Any]) -> Canonical:
         elif kind == "set" and "map" not in body:
             types = _types(body.get("type"))
             elements = frozenset(_listed_key(types, e) for e in body.get("elem", []))
-            out[("set", str(body.get("name")))] = (types, _flags(body.get("flags")), elements)
+            flags = _flags(body.get("flags"))
+            stmt = body.get("stmt")
+            if stmt == [{"counter": None}]:
+                flags |= {_COUNTER_FLAG}
+            elif stmt is not None:
+                flags |= {Opaque(f"set statements {stmt!r}").text}
+            out[("set", str(body.get("name")))] = (types, flags, elements)
         elif kind == "map" or (kind == "set" and "map" in body):
             types = _types(body.get("type"))
             pairs = []

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
-from .flatten import Ranked, flatten
+from .flatten import Ranked, flatten, flatten_labelled
 from .network import (
     PROTOCOL_NUMBERS,
     CidrPeer,
@@ -38,6 +38,7 @@ from .nft import (
     RETURN,
     BaseHook,
     Concat,
+    Counter,
     Ct,
     Key,
     Masked,
@@ -205,6 +206,12 @@ def flat_set_name(pid: str, direction: str, fam: str) -> str:
     return f"f_{pid}_{_DIR_SHORT[direction]}_{_SHORT[fam]}"
 
 
+def counted_set_name(pid: str, direction: str, fam: str) -> str:
+    """`c_<profile>_<in|out>_<v4|v6>`: where a rule with the default's verdict decides
+    (hit counters only)."""
+    return f"c_{pid}_{_DIR_SHORT[direction]}_{_SHORT[fam]}"
+
+
 def bucket_set_name(pid: str, direction: str, bkey: BucketKey, part: int) -> str:
     """`b_<profile>_<in|out>_p<prio>_<a|d>_<v4|v6>_<part>` (fallback of one side)."""
     prio, policy, fam = bkey
@@ -222,12 +229,15 @@ class _Compiler:
         table: str,
         ct_mark_bit: int,
         layout: Layout = DEFAULT_LAYOUT,
+        counters: bool = False,
     ) -> None:
         self.net = network
         self.vpc_id = vpc_id
         self.table = table
         self.ct_mark_bit = ct_mark_bit
         self.layout = layout
+        # Per-rule hit counters (flat layout; docs/dataplane.md "Hit counters").
+        self.counters = counters
         # group id -> direction -> bucket -> its rules' elements (not split)
         self._group_keys: dict[str, dict[str, dict[BucketKey, frozenset[RuleKey]]]] = {}
         self.enis: list[Eni] = sorted(
@@ -415,6 +425,10 @@ class _Compiler:
         """One family of one side of a group list: the flattened set of the region
         where the verdict is `want` (the non-default one), looked up once; or, if
         flattening would blow up, per-bucket sets of the pooled rules (v4's order)."""
+        if self.counters:
+            counted = self.counted_side(pid, groups, direction, fam, want)
+            if counted is not None:
+                return counted
         pooled: dict[BucketKey, set[RuleKey]] = {}
         for g in groups:
             for bkey, keys in self.group_keys(g)[direction].items():
@@ -452,6 +466,63 @@ class _Compiler:
                 )
         return sets, rules
 
+    def counted_side(
+        self, pid: str, groups: Sequence[SecurityGroup], direction: str, fam: str, want: str
+    ) -> tuple[list[NftSet], list[NftRule]] | None:
+        """`profile_side` with per-element counters: the flat set's boxes each decided by
+        one ECS rule (labelled with its id), then a second set `c_...` of the boxes
+        where a rule with the default's verdict decides, with the default's verdict.
+        The second lookup is only reached by packets that already fall to the default,
+        so on the side whose default is drop it costs allowed flows nothing. None when
+        either flattening exceeds the limit (the side is then written uncounted)."""
+        best: dict[tuple[RuleKey, tuple[int, int]], tuple[str, str]] = {}
+        for g in groups:
+            for rule in g.rules:
+                if rule.direction != direction or fam not in self.rule_families(rule):
+                    continue
+                rank = (rule.priority, _POLICY_RANK[rule.policy])
+                who = (rule.group_id, rule.rule_id)
+                for k in self.rule_keys(rule, fam):
+                    got = best.get((k, rank))
+                    if got is None or who < got:
+                        best[(k, rank)] = who
+        # Sorted by (rank, group id, rule id): among rules of equal rank holding a
+        # packet the first decides, as in the evaluator, and no dict order leaks in.
+        items = sorted(best.items(), key=lambda kv: (kv[0][1], kv[1], kv[0][0]))
+        labels = [rule_id for _, (_, rule_id) in items]
+        domain = (ALL_PROTOS, ALL_ADDRS[fam], ALL_PORTS, ALL_PORTS, ALL_ADDRS[fam])
+        limit = max(FLAT_LIMIT_MIN, FLAT_LIMIT_PER_ELEMENT * len(items))
+        nfproto = _NFPROTO[fam]
+        lookup = self._lookups[(direction, fam)]
+        other = "drop" if want == "accept" else "accept"
+        sets: list[NftSet] = []
+        rules: list[NftRule] = []
+        for verdict, name in (
+            (want, flat_set_name(pid, direction, fam)),
+            (other, counted_set_name(pid, direction, fam)),
+        ):
+            ranked = [Ranked(k, rank, (rank[1] == _POLICY_RANK[verdict])) for (k, rank), _ in items]
+            boxes = flatten_labelled(ranked, domain, FLAT_ORDERS, limit)
+            if boxes is None:
+                return None
+            sets.append(
+                NftSet(
+                    name,
+                    RULE_SET_TYPE[fam],
+                    tuple(b for b, _ in boxes),
+                    INTERVAL,
+                    counter=True,
+                    labels=tuple(labels[i] for _, i in boxes),
+                )
+            )
+            rules.append(
+                NftRule(
+                    (nfproto, Match(lookup, SetRef(name)), _VERDICT_OF[verdict]),
+                    safe_comment(f"{verdict} {fam} {'flat' if verdict == want else 'counted'}"),
+                )
+            )
+        return sets, rules
+
     def profile_chain(
         self, pid: str, groups: Sequence[SecurityGroup], direction: str
     ) -> tuple[NftChain, list[NftSet]]:
@@ -467,7 +538,9 @@ class _Compiler:
             rules.extend(side_rules)
         kind = "advanced" if advanced else "basic"
         default = DROP if default_drop else RETURN
-        rules.append(NftRule((default,), safe_comment(f"default {direction} {kind}")))
+        # Counted: the default rule counts too (packets no rule decided).
+        statements = (Counter(), default) if self.counters else (default,)
+        rules.append(NftRule(statements, safe_comment(f"default {direction} {kind}")))
         return NftChain(f"{_DIR_SHORT[direction]}_{pid}", tuple(rules)), sets
 
     def profiles(self) -> dict[str, list[SecurityGroup]]:
@@ -650,15 +723,17 @@ def compile_vpc(
     ct_mark_bit: int = DEFAULT_CT_MARK_BIT,
     *,
     layout: Layout = DEFAULT_LAYOUT,
+    counters: bool = False,
 ) -> Program:
-    """The program of the VPC router of `vpc_id`; `ct_mark_bit` as in `forward_chain`."""
+    """The program of the VPC router of `vpc_id`; `ct_mark_bit` as in `forward_chain`;
+    `counters`: per-rule hit counters (flat layout only; ignored by v4)."""
     if vpc_id not in network.vpcs:
         raise KeyError(f"unknown VPC {vpc_id!r}")
     if layout not in ("flat", "v4"):
         raise ValueError(f"unknown layout {layout!r}")
     check_ct_mark_bit(ct_mark_bit)
     with cyclic_gc_paused():
-        return _Compiler(network, vpc_id, table, ct_mark_bit, layout).program()
+        return _Compiler(network, vpc_id, table, ct_mark_bit, layout, counters).program()
 
 
 def compile_all(
@@ -667,9 +742,10 @@ def compile_all(
     ct_mark_bit: int = DEFAULT_CT_MARK_BIT,
     *,
     layout: Layout = DEFAULT_LAYOUT,
+    counters: bool = False,
 ) -> dict[str, Program]:
     """One program per VPC, keyed (and ordered) by VPC id."""
     return {
-        vpc_id: compile_vpc(network, vpc_id, table, ct_mark_bit, layout=layout)
+        vpc_id: compile_vpc(network, vpc_id, table, ct_mark_bit, layout=layout, counters=counters)
         for vpc_id in sorted(network.vpcs)
     }

@@ -178,6 +178,7 @@ def compile_vpc_cached(
     ct_mark_bit: int = DEFAULT_CT_MARK_BIT,
     *,
     layout: Layout = DEFAULT_LAYOUT,
+    counters: bool = False,
 ) -> Program:
     """`compile_vpc(network, vpc_id, table, ct_mark_bit, layout=layout)`, reusing from
     `cache` what the previous compile of this VPC built from the same objects, and
@@ -187,7 +188,7 @@ def compile_vpc_cached(
     if layout not in ("flat", "v4"):
         raise ValueError(f"unknown layout {layout!r}")
     check_ct_mark_bit(ct_mark_bit)
-    key = (network.vpcs.get(vpc_id), vpc_id, table, ct_mark_bit, layout)
+    key = (network.vpcs.get(vpc_id), vpc_id, table, ct_mark_bit, layout, counters)
     if cache.key != key:
         cache.groups.clear()
         cache.chains.clear()
@@ -195,4 +196,6 @@ def compile_vpc_cached(
         cache.key = key
     cache.reused = cache.built = 0
     with cyclic_gc_paused():
-        return _CachedCompiler(cache, network, vpc_id, table, ct_mark_bit, layout).program()
+        return _CachedCompiler(
+            cache, network, vpc_id, table, ct_mark_bit, layout, counters
+        ).program()

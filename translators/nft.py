@@ -21,7 +21,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, NamedTuple, TypeAlias
 
@@ -162,7 +162,12 @@ class VerdictMap:
     data: SetRef | tuple[tuple[str, Verdict], ...]
 
 
-Statement: TypeAlias = Match | VerdictMap | Verdict
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """`counter`: counts the packets reaching it (per-rule hit counters); decides nothing."""
+
+
+Statement: TypeAlias = Match | VerdictMap | Verdict | Counter
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,10 +219,16 @@ class NftSet:
     type: tuple[str, ...]
     elements: tuple[Key, ...] = ()
     flags: tuple[str, ...] = ()
+    # `counter` in the set: the kernel keeps packets/bytes per element.
+    counter: bool = False
+    # Parallel to `elements` when counted: the ECS rule id deciding each element.
+    # Not content (the kernel never sees it), so not compared: a relabelled box is
+    # no element change.
+    labels: tuple[str, ...] = field(default=(), compare=False, hash=False, repr=False)
 
     def definition(self) -> tuple[object, ...]:
         """What cannot change in place: a change here means delete and re-create."""
-        return (self.name, self.type, self.flags)
+        return (self.name, self.type, self.flags, self.counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +457,8 @@ class Writer:
         out: JsonObj
         if isinstance(st, Verdict):
             out = render_verdict(st)
+        elif isinstance(st, Counter):
+            out = {"counter": None}
         elif isinstance(st, Match):
             out = self._match(st)
         else:
@@ -482,6 +495,8 @@ class Writer:
         body = self._obj(name=s.name, type=self._type(s.type))
         if s.flags:
             body["flags"] = list(s.flags)
+        if s.counter:
+            body["stmt"] = [{"counter": None}]
         if s.elements:
             body["elem"] = self.set_elements(s.type, s.elements)
         return {"add": {"set": body}}

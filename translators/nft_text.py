@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from .nft import (
     _ADDR_BITS,
     Atom,
+    Counter,
     Ct,
     Expr,
     Key,
@@ -84,6 +85,8 @@ def _value(v: str | int) -> str:
 def _statement(st: Statement) -> str:
     if isinstance(st, Verdict):
         return _verdict(st)
+    if isinstance(st, Counter):
+        return "counter"
     if isinstance(st, Match):
         right = f"@{_name(st.right.name)}" if isinstance(st.right, SetRef) else _value(st.right)
         op = "!= " if st.op == "!=" else ("== " if isinstance(st.left, Masked) else "")
@@ -155,6 +158,8 @@ class _TextWriter:
 
     def set(self, s: NftSet) -> str:
         flags = f" flags {','.join(s.flags)} ;" if s.flags else ""
+        if s.counter:
+            flags += " counter ;"
         key = self.atoms.key
         elems = _elements(key(s.type, k) for k in s.elements)
         return (

@@ -77,7 +77,7 @@ _TERMINAL = frozenset({"accept", "drop", "jump", "goto", "return", "continue"})
 # (timeouts, devices, rule positions...) is outside the subset.
 _COMMON_KEYS = frozenset({"family", "table", "name", "handle", "comment"})
 _CHAIN_KEYS = _COMMON_KEYS | {"type", "hook", "prio", "policy"}
-_SET_KEYS = _COMMON_KEYS | {"type", "map", "flags", "elem", "size", "policy"}
+_SET_KEYS = _COMMON_KEYS | {"type", "map", "flags", "elem", "size", "policy", "stmt"}
 _HOOKS_SEEING_FORWARDED = frozenset({"prerouting", "forward", "postrouting", "ingress"})
 
 
@@ -224,10 +224,11 @@ def _mark_prefix(raw: dict[str, Any]) -> Interval:
 
 
 def _unwrap_elem(raw: object) -> object:
-    # {"elem": {"val": X, "comment": ...}} carries per-element options; only comments are inert.
+    # {"elem": {"val": X, "comment": ...}} carries per-element options; only comments
+    # and counters (a listing of a set with `counter`) are inert.
     if isinstance(raw, dict) and set(raw) == {"elem"}:
         body = raw["elem"]
-        if not isinstance(body, dict) or "val" not in body or set(body) - {"val", "comment"}:
+        if not isinstance(body, dict) or "val" not in body or set(body) - {"val", "comment", "counter"}:
             raise UnsupportedExpression(f"set element options {raw!r}")
         return body["val"]
     return raw
@@ -610,6 +611,9 @@ class Ruleset:
         flags = [flags] if isinstance(flags, str) else flags
         if not isinstance(flags, list) or set(flags) - {"interval"}:
             raise UnsupportedExpression(f"set {name}: flags {flags!r}")
+        stmt = spec.get("stmt", [])
+        if stmt not in ([], [{"counter": None}]):
+            raise UnsupportedExpression(f"set {name}: statements {stmt!r}")
         new = _Set(name, types, "interval" in flags, is_map)
         old = self.sets.get(name)
         if old is None:
