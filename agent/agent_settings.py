@@ -71,6 +71,8 @@ class AgentFile(BaseModel):
     selfcheck_interval: float = Field(60.0, gt=0, le=86400)
     ct_mark_bit: int = DEFAULT_CT_MARK_BIT
     layout: Literal["v4", "flat"] = DEFAULT_AGENT_LAYOUT
+    # Per-rule hit counters (flat layout); off by default: more elements to load.
+    rule_counters: bool = False
 
     @field_validator("api_listen", "metrics_listen")
     @classmethod
@@ -221,6 +223,7 @@ def load(sources: Sources, environ: Mapping[str, str] | None = None) -> Settings
         verify_interval=checked.verify_interval,
         selfcheck_interval=checked.selfcheck_interval,
         layout=checked.layout,
+        rule_counters=checked.rule_counters,
         config_path=sources.config if sources.config.exists() else None,
     )
 
@@ -230,7 +233,7 @@ def reload(current: Settings, sources: Sources) -> Settings:
     name the store, the tables and the marks in force: a change of those needs a
     restart, and a reload that asks for one applies nothing."""
     fresh = load(sources)
-    kept = {"state_dir", "prefix", "table", "ct_mark_bit"}
+    kept = {"state_dir", "prefix", "table", "ct_mark_bit", "rule_counters"}
     changed = sorted(k for k in kept if getattr(fresh, k) != getattr(current, k))
     if changed:
         raise SettingsError(
@@ -258,6 +261,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selfcheck-interval", metavar="S", help="seconds between self-checks")
     parser.add_argument("--ct-mark-bit", metavar="BIT", help="conntrack mark bit, e.g. 0x40000000")
     parser.add_argument("--layout", metavar="NAME", help="compiler layout: v4 or flat")
+    parser.add_argument(
+        "--rule-counters", metavar="BOOL", help="per-rule hit counters in the kernel: true/false"
+    )
 
 
 def sources_from_args(args: argparse.Namespace) -> Sources:

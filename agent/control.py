@@ -60,15 +60,22 @@ DEFAULT_CHECKPOINT_EVERY = 1000
 class CachedCompile:
     """The reconciler's compile function, keeping one `CompileCache` per VPC."""
 
-    def __init__(self, layout: Any) -> None:
+    def __init__(self, layout: Any, counters: bool = False) -> None:
         self.layout = layout
+        self.counters = counters
         self.caches: dict[str, CompileCache] = {}
 
     def __call__(self, network: Network, vpc_id: str, table: str, ct_mark_bit: int) -> Program:
         cache = self.caches.setdefault(vpc_id, CompileCache())
         try:
             return compile_vpc_cached(
-                network, vpc_id, cache, table, ct_mark_bit, layout=self.layout
+                network,
+                vpc_id,
+                cache,
+                table,
+                ct_mark_bit,
+                layout=self.layout,
+                counters=self.counters,
             )
         except BaseException:
             self.caches.pop(vpc_id, None)
@@ -136,7 +143,7 @@ class ControlPlane:
         self.last = CallStats()
         self._ct_factory = conntracker
         self._ct: Conntracker | None = None
-        self.compile = CachedCompile(agent.reconciler.layout)
+        self.compile = CachedCompile(agent.reconciler.layout, agent.reconciler.counters)
         agent.reconciler.compile_program = self.compile
         agent.model_source = self.current
 
@@ -301,6 +308,10 @@ class ControlPlane:
         try:
             commands = diff_programs(rec.applied[namespace], program)
             if commands:
+                if rec.hits is not None:
+                    rec.read_counters_before_diff(
+                        namespace, rec.applied[namespace], program, commands
+                    )
                 rec.backend.apply(namespace, commands)
         except Exception as exc:
             rec.applied.pop(namespace, None)

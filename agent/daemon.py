@@ -50,6 +50,7 @@ from nftsg.translators.validate import build_network
 from . import netns
 from .conntrack import Conntracker, as_evaluator_flow, prune_flows
 from .events import TableEvents
+from .hits import RuleHits, hits_path
 from .host_mode import HostPorts, LinkEvents
 from .lab import Lab
 from .nft_backend import Backend, NftBackend
@@ -190,6 +191,8 @@ class Agent:
             compile_program=compile_program,
             ct_mark_bit=settings.ct_mark_bit,
             layout=settings.layout,
+            counters=settings.rule_counters,
+            hits=RuleHits(hits_path(settings.state_dir)) if settings.rule_counters else None,
         )
         self.revision: int | None = None  # the loaded model's revision
         self.network: Network | None = None

@@ -380,6 +380,15 @@ class NftBackend:
             raise
         return output if isinstance(output, dict) else None
 
+    def list_set(self, namespace: str, family: str, table: str, name: str) -> dict[str, Any] | None:
+        """One set with its elements (and their counters); None if it is not there."""
+        cmd = [{"list": {"set": {"family": family, "table": table, "name": name}}}]
+        try:
+            output = self._run(namespace, cmd, dry_run=False, what="listing")
+        except NftError:
+            return None
+        return output if isinstance(output, dict) else None
+
     def generation(self, namespace: str) -> int:
         """The namespace's nftables ruleset generation: every commit (ours or anyone's)
         moves it, so an unchanged generation means an unchanged table. One netlink

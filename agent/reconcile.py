@@ -41,6 +41,7 @@ from nftsg.translators.compiler import (
     check_ct_mark_bit,
     compile_vpc,
 )
+from nftsg.translators.counters import program_key
 from nftsg.translators.diff import diff_programs
 from nftsg.translators.errors import EcsError
 from nftsg.translators.evaluator import Flow, evaluate
@@ -48,6 +49,7 @@ from nftsg.translators.network import Network
 from nftsg.translators.nft import Program
 from nftsg.translators.nft_text import full_sync_text
 
+from .hits import RuleHits
 from .nft_backend import Backend
 from .settings import layout_from_env
 
@@ -113,9 +115,15 @@ class Reconciler:
         compile_program: Compile | None = None,
         ct_mark_bit: int = DEFAULT_CT_MARK_BIT,
         layout: Layout | None = None,
+        counters: bool = False,
+        hits: RuleHits | None = None,
     ) -> None:
         self.backend = backend
         self.layout: Layout = layout or layout_from_env()
+        # Per-rule hit counters in the programs (docs/dataplane.md "Hit counters"),
+        # read into `hits` by every listing and before changes that recreate them.
+        self.counters = counters
+        self.hits = hits
         self.namespace_of = namespace_of
         self.table = table
         self.ct_mark_bit = check_ct_mark_bit(ct_mark_bit)
@@ -130,7 +138,9 @@ class Reconciler:
         self.last_differences: dict[str, list[str]] = {}
 
     def _compile(self, network: Network, vpc_id: str, table: str, ct_mark_bit: int) -> Program:
-        return compile_vpc(network, vpc_id, table, ct_mark_bit, layout=self.layout)
+        return compile_vpc(
+            network, vpc_id, table, ct_mark_bit, layout=self.layout, counters=self.counters
+        )
 
     def forget(self, namespace: str | None = None) -> None:
         """Drop what we believe the kernel holds, so the next sync is a full one."""
@@ -185,6 +195,8 @@ class Reconciler:
                 log.warning("cannot compare %s with the kernel, rewriting it: %s", namespace, exc)
         try:
             apply_text = getattr(self.backend, "apply_text", None)
+            if self.hits is not None and old is None and not report.adopted.get(namespace):
+                self._read_counters_before_rewrite(namespace, program)
             if old is None and apply_text is not None:
                 # A full load as one nft text batch: the same transaction as the JSON
                 # full sync, measured faster for big tables (docs/dataplane.md).
@@ -194,6 +206,8 @@ class Reconciler:
             else:
                 commands = diff_programs(old, program)
                 count = len(commands)
+                if self.hits is not None and old is not None and commands:
+                    self.read_counters_before_diff(namespace, old, program, commands)
                 self.backend.apply(namespace, commands)
                 del commands
         except Exception as exc:
@@ -207,6 +221,60 @@ class Reconciler:
         if count or old is None or report.adopted.get(namespace):
             self._judge(network, vpc_id, namespace, report)
         return report
+
+    # -- hit counters ------------------------------------------------------------
+
+    def _read_counters_before_rewrite(self, namespace: str, program: Program) -> None:
+        """A full rewrite zeroes every counter: read the table first (best effort; the
+        labels are the new program's, the kernel's own program being unknown)."""
+        assert self.hits is not None
+        try:
+            listing = self.listing(namespace)
+            if listing is not None:
+                self.hits.observe(namespace, program, listing)
+        except Exception as exc:
+            log.warning("rule hits: cannot read %s before rewriting it: %s", namespace, exc)
+        self.hits.forget(namespace)
+
+    def read_counters_before_diff(
+        self, namespace: str, old: Program, new: Program, commands: list[dict[str, Any]]
+    ) -> None:
+        """Read the counted sets whose elements (or the whole set) this diff deletes,
+        then drop their last readings: what they counted is kept, and the recreated
+        elements start from zero."""
+        assert self.hits is not None
+        full = len(commands) > 1 and "table" in commands[1].get("delete", {})
+        gone: dict[str, list[Any] | None] = {}  # set name -> deleted keys (None: all)
+        for s in old.sets:
+            if not s.counter:
+                continue
+            now = new.set_by_name.get(s.name)
+            if full or now is None or now.definition() != s.definition():
+                gone[s.name] = None
+            else:
+                deleted = set(s.elements) - set(now.elements)
+                if deleted:
+                    gone[s.name] = [program_key(k) for k in deleted]
+        list_set = getattr(self.backend, "list_set", None)
+        if full:
+            self._read_counters_before_rewrite(namespace, old)
+            return
+        for name, keys in sorted(gone.items()):
+            try:
+                if list_set is not None:
+                    listing = list_set(namespace, "inet", self.table, name)
+                    if listing is not None:
+                        self.hits.observe(namespace, old, listing)
+            except Exception as exc:
+                log.warning("rule hits: cannot read set %s in %s: %s", name, namespace, exc)
+            if keys is None:
+                self.hits.forget(namespace, [name])
+            else:
+                self.hits.forget_elements(namespace, name, keys)
+        for chain in old.chains:
+            now_chain = new.chain_by_name.get(chain.name)
+            if now_chain is None or now_chain.rules != chain.rules:
+                self.hits.forget(namespace, [chain.name])  # its default counter restarts
 
     def judge_flows(self, network: Network, vpc_id: str) -> SyncReport:
         """Judge the tracked flows of one router against `network` (a retry after a
@@ -248,6 +316,11 @@ class Reconciler:
             listing = self.listing(namespace)
         if listing is None:
             return [f"table inet {self.table} is missing"]
+        if self.hits is not None:
+            try:
+                self.hits.observe(namespace, program, listing)
+            except Exception as exc:  # counting never stands in the way of enforcing
+                log.warning("rule hits: cannot read the counters of %s: %s", namespace, exc)
         return describe_differences(
             self.canonical_applied(namespace, program), canonical_listing(listing)
         )

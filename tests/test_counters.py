@@ -92,7 +92,9 @@ def test_listed_counters_reads_elements_and_default_rules() -> None:
                     "elem": [
                         {
                             "elem": {
-                                "val": {"concat": ["tcp", {"prefix": {"addr": "10.0.0.0", "len": 24}}]},
+                                "val": {
+                                    "concat": ["tcp", {"prefix": {"addr": "10.0.0.0", "len": 24}}]
+                                },
                                 "counter": {"packets": 3, "bytes": 180},
                             }
                         }

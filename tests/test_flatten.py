@@ -15,16 +15,12 @@ ORDERS = ((0, 1, 2), (1, 0, 2), (2, 1, 0))
 
 
 def spans(hi: int) -> st.SearchStrategy[Span]:
-    return st.tuples(st.integers(0, hi), st.integers(0, hi)).map(
-        lambda t: Span(min(t), max(t))
-    )
+    return st.tuples(st.integers(0, hi), st.integers(0, hi)).map(lambda t: Span(min(t), max(t)))
 
 
 rules = st.lists(
     st.builds(
-        lambda box, prio, drop, want_drop: Ranked(
-            box, (prio, 0 if drop else 1), drop == want_drop
-        ),
+        lambda box, prio, drop, want_drop: Ranked(box, (prio, 0 if drop else 1), drop == want_drop),
         st.tuples(spans(7), spans(15), spans(7)),
         st.integers(1, 4),
         st.booleans(),

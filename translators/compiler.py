@@ -695,9 +695,7 @@ def forward_chain(ct_mark_bit: int = DEFAULT_CT_MARK_BIT) -> NftChain:
         "forward",
         (
             *anti_spoof,
-            NftRule(
-                (Match(Masked(Ct("mark"), bit), bit), DROP), "flows the model now denies"
-            ),
+            NftRule((Match(Masked(Ct("mark"), bit), bit), DROP), "flows the model now denies"),
             NftRule(
                 (
                     VerdictMap(

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from .nft import Counter, Match, Program, SetRef, Span, Verdict
+from .nft import Counter, Key, Match, Program, SetRef, Span, Verdict
 from .tracer import TraceError, _element
 
 DEFAULT = "default"
@@ -27,8 +27,9 @@ DEFAULT = "default"
 CounterKey = tuple[str, Any]
 
 
-def _program_key(key: Sequence[object]) -> tuple[Any, ...]:
-    return tuple((a, a) if isinstance(a, str) else (a.lo, a.hi) for a in key)  # type: ignore[union-attr]
+def program_key(key: Key) -> tuple[Any, ...]:
+    """A program's element in the interval form of a listing's (as the drift check has it)."""
+    return tuple((a, a) if isinstance(a, str) else (a.lo, a.hi) for a in key)
 
 
 def element_labels(program: Program) -> dict[CounterKey, str]:
@@ -38,7 +39,7 @@ def element_labels(program: Program) -> dict[CounterKey, str]:
         if not s.counter:
             continue
         for key, label in zip(s.elements, s.labels, strict=True):
-            out[(s.name, _program_key(key))] = label
+            out[(s.name, program_key(key))] = label
     return out
 
 
@@ -96,8 +97,8 @@ def listed_counters(listing: Mapping[str, Any]) -> dict[CounterKey, tuple[int, i
     return out
 
 
-def _holds(key: Sequence[Span], point: Sequence[int]) -> bool:
-    return all(s.lo <= v <= s.hi for s, v in zip(key, point, strict=True))  # type: ignore[union-attr]
+def _holds(key: Key, point: Sequence[int]) -> bool:
+    return all(isinstance(s, Span) and s.lo <= v <= s.hi for s, v in zip(key, point, strict=True))
 
 
 def attribute(program: Program, chain: str, family: str, point: Sequence[int]) -> str | None:
@@ -113,7 +114,7 @@ def attribute(program: Program, chain: str, family: str, point: Sequence[int]) -
             if not s.counter or s.type[1] != addr_type:
                 continue
             for key, label in zip(s.elements, s.labels, strict=True):
-                if _holds(key, point):  # type: ignore[arg-type]
+                if _holds(key, point):
                     return label
         elif st and isinstance(st[0], Counter) and isinstance(st[-1], Verdict):
             return DEFAULT

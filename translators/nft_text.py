@@ -163,8 +163,7 @@ class _TextWriter:
         key = self.atoms.key
         elems = _elements(key(s.type, k) for k in s.elements)
         return (
-            f"add set {self.prefix} {_name(s.name)} {{ type {' . '.join(s.type)} ;"
-            f"{flags}{elems} }}"
+            f"add set {self.prefix} {_name(s.name)} {{ type {' . '.join(s.type)} ;{flags}{elems} }}"
         )
 
     def map(self, m: NftMap) -> str:

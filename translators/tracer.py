@@ -228,7 +228,11 @@ def _unwrap_elem(raw: object) -> object:
     # and counters (a listing of a set with `counter`) are inert.
     if isinstance(raw, dict) and set(raw) == {"elem"}:
         body = raw["elem"]
-        if not isinstance(body, dict) or "val" not in body or set(body) - {"val", "comment", "counter"}:
+        if (
+            not isinstance(body, dict)
+            or "val" not in body
+            or set(body) - {"val", "comment", "counter"}
+        ):
             raise UnsupportedExpression(f"set element options {raw!r}")
         return body["val"]
     return raw
