@@ -73,6 +73,8 @@ class AgentFile(BaseModel):
     layout: Literal["v4", "flat"] = DEFAULT_AGENT_LAYOUT
     # Per-rule hit counters (flat layout); off by default: more elements to load.
     rule_counters: bool = False
+    # Seconds between readings of every router's counters (one table listing each).
+    rule_counters_interval: float = Field(10.0, gt=0, le=86400)
 
     @field_validator("api_listen", "metrics_listen")
     @classmethod
@@ -224,6 +226,7 @@ def load(sources: Sources, environ: Mapping[str, str] | None = None) -> Settings
         selfcheck_interval=checked.selfcheck_interval,
         layout=checked.layout,
         rule_counters=checked.rule_counters,
+        rule_counters_interval=checked.rule_counters_interval,
         config_path=sources.config if sources.config.exists() else None,
     )
 
@@ -263,6 +266,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", metavar="NAME", help="compiler layout: v4 or flat")
     parser.add_argument(
         "--rule-counters", metavar="BOOL", help="per-rule hit counters in the kernel: true/false"
+    )
+    parser.add_argument(
+        "--rule-counters-interval", metavar="S", help="seconds between readings of the counters"
     )
 
 

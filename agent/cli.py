@@ -21,7 +21,7 @@ from nftsg.translators.explain import explain
 from nftsg.translators.network import Network
 from nftsg.translators.validate import load_network
 
-from . import cleanup, ecs_cli, lab_commands, plan_commands, verify_command
+from . import cleanup, ecs_cli, lab_commands, plan_commands, report_command, verify_command
 from .documents import read_document_file
 
 EXIT_ERROR = 2
@@ -144,6 +144,7 @@ REGISTRARS: dict[str, Registrar] = {
     "api-key": ecs_cli.register_api_key,
     "cleanup": cleanup.register,
     "plan": plan_commands.register,  # also adds `apply` and `clone`
+    "report": report_command.register,
 }
 
 

@@ -209,6 +209,7 @@ class Agent:
         self._store_empty = False  # nothing stored yet: nothing to enforce
         self._next_verify = clock() + verify_every
         self._next_selfcheck = clock() + selfcheck_every
+        self._next_counters = clock()
         # Ruleset objects of kernel listings, by namespace and generation: the
         # tracer's parse of a large table is reused while the table is unchanged.
         self._rulesets: dict[str, tuple[int, Ruleset]] = {}
@@ -231,7 +232,26 @@ class Agent:
         if now >= self._next_selfcheck:
             self._next_selfcheck = now + self.selfcheck_every
             self.selfcheck()
+        if self.reconciler.hits is not None and now >= self._next_counters:
+            self._next_counters = now + self.settings.rule_counters_interval
+            self.read_counters()
         return in_force
+
+    def read_counters(self) -> None:
+        """Read every router's hit counters into the per-rule totals (agent/hits.py).
+        A listing of the whole table: with counting on, one every
+        `rule_counters_interval` seconds."""
+        hits = self.reconciler.hits
+        if hits is None:
+            return
+        for namespace in sorted(self.reconciler.applied):
+            program = self.reconciler.applied[namespace]
+            try:
+                listing = self.reconciler.counter_listing(namespace)
+                if listing is not None:
+                    hits.observe(namespace, program, listing)
+            except Exception as exc:  # counting never stands in the way of enforcing
+                self._count_failure("counters", f"cannot read the counters of {namespace}: {exc}")
 
     def _load(self, now: float) -> None:
         """Load the stored model if its revision moved (and no earlier failure of that

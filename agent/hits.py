@@ -7,9 +7,9 @@ recreates elements, a full rewrite or a flushed chain would make a plain
 reading go backwards. The agent therefore keeps, per rule id, a total that only
 grows: at each reading it adds what every counter gained since the reading
 before (a counter lower than last time was recreated: all of it is new). The
-sets and chains a change is about to delete or rewrite are read just before the
-change (`Reconciler`), so what they counted is not lost; the drift check's
-periodic listing is the other reading, at no extra kernel cost.
+sets a change is about to delete or rewrite are read just before the
+change (`Reconciler`), so what they counted is not lost; the agent also reads
+every router's whole table every `rule_counters_interval` seconds.
 
 What is counted: packets that reach the rule chains, i.e. the first packet of
 each new flow (and each retry of a refused one); established traffic is
@@ -17,8 +17,8 @@ accepted before the rule chains and never counted.
 
 The totals, the time each rule was last hit and the last readings (non-zero
 ones only) are kept in `rule-hits.json` under the state directory, written
-atomically after each reading that changed something, so totals survive agent
-restarts (the kernel keeps its counters while the agent is away).
+atomically after each reading, so totals survive agent restarts (the kernel
+keeps its counters while the agent is away, and an adopted table keeps them).
 """
 
 from __future__ import annotations
@@ -108,8 +108,6 @@ class RuleHits:
         `namespace`, holding `program`) gained since the last reading; returns the
         packets added."""
         counters = listed_counters(listing)
-        if not counters:
-            return 0
         added = 0
         now = self.clock()
         with self.lock:
@@ -136,8 +134,9 @@ class RuleHits:
                 total[2] = now
                 added += dp
             self.last_reading = now
-            if added:
-                self.save()
+            # Every reading is saved (the report shows how fresh its totals are);
+            # one small file per drift check, written atomically.
+            self.save()
         return added
 
     def forget(self, namespace: str, names: Iterable[str] | None = None) -> None:

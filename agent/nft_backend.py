@@ -283,17 +283,22 @@ class NftBackend:
         *,
         dry_run: bool,
         what: str,
+        counters: bool = False,
     ) -> Any:
         worker = self._worker(namespace)
 
         def job(ctx: Any) -> Any:
             old = ctx.set_dry_run(dry_run)
+            # Listings are stateless (no counter values) except those that read them.
+            old_stateless = ctx.set_stateless_output(not counters) if counters else None
             try:
                 started = time.perf_counter()
                 rc, output, error = ctx.json_cmd(envelope(commands))
                 self.last_timing[namespace] = time.perf_counter() - started
             finally:
                 ctx.set_dry_run(old)
+                if old_stateless is not None:
+                    ctx.set_stateless_output(old_stateless)
             if len(commands) >= _TRIM_AFTER_COMMANDS:
                 _malloc_trim()
             return rc, output, error
@@ -384,7 +389,16 @@ class NftBackend:
         """One set with its elements (and their counters); None if it is not there."""
         cmd = [{"list": {"set": {"family": family, "table": table, "name": name}}}]
         try:
-            output = self._run(namespace, cmd, dry_run=False, what="listing")
+            output = self._run(namespace, cmd, dry_run=False, what="listing", counters=True)
+        except NftError:
+            return None
+        return output if isinstance(output, dict) else None
+
+    def list_table_counters(self, namespace: str, family: str, table: str) -> dict[str, Any] | None:
+        """The table with its counter values (hit counters); None if it is not there."""
+        cmd = [{"list": table_ref(family, table)}]
+        try:
+            output = self._run(namespace, cmd, dry_run=False, what="listing", counters=True)
         except NftError:
             return None
         return output if isinstance(output, dict) else None

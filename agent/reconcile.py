@@ -229,7 +229,7 @@ class Reconciler:
         labels are the new program's, the kernel's own program being unknown)."""
         assert self.hits is not None
         try:
-            listing = self.listing(namespace)
+            listing = self.counter_listing(namespace)
             if listing is not None:
                 self.hits.observe(namespace, program, listing)
         except Exception as exc:
@@ -307,6 +307,14 @@ class Reconciler:
     def listing(self, namespace: str) -> dict[str, Any] | None:
         return self.backend.list_table(namespace, "inet", self.table)
 
+    def counter_listing(self, namespace: str) -> dict[str, Any] | None:
+        """The table with counter values (a backend that has none: the plain listing)."""
+        lister = getattr(self.backend, "list_table_counters", None)
+        if lister is None:
+            return self.listing(namespace)
+        listing = lister(namespace, "inet", self.table)
+        return listing if isinstance(listing, dict) else None
+
     def differences(
         self, namespace: str, program: Program, listing: dict[str, Any] | None = None
     ) -> list[str]:
@@ -316,11 +324,6 @@ class Reconciler:
             listing = self.listing(namespace)
         if listing is None:
             return [f"table inet {self.table} is missing"]
-        if self.hits is not None:
-            try:
-                self.hits.observe(namespace, program, listing)
-            except Exception as exc:  # counting never stands in the way of enforcing
-                log.warning("rule hits: cannot read the counters of %s: %s", namespace, exc)
         return describe_differences(
             self.canonical_applied(namespace, program), canonical_listing(listing)
         )

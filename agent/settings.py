@@ -47,6 +47,7 @@ class Settings:
     # Per-rule hit counters in the kernel (docs/dataplane.md "Hit counters"): off by
     # default, they multiply the flat sets' elements (measured 1.3-7x).
     rule_counters: bool = False
+    rule_counters_interval: float = 10.0  # seconds between readings of the counters
     config_path: Path | None = None  # the settings file read, if any
 
     @property
