@@ -33,6 +33,8 @@ ACTIONS: frozenset[str] = frozenset(
         "JoinSecurityGroup",
         "LeaveSecurityGroup",
         "ModifyNetworkInterfaceAttribute",
+        "AttachNetworkInterface",  # host mode: add a binding
+        "DetachNetworkInterface",  # host mode: remove it
         "DescribeNetworkInterfaces",
         "DescribeInstances",
         "TagResources",

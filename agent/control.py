@@ -226,6 +226,8 @@ class ControlPlane:
             self.journal_length += 1
             stats = CallStats(action, mutation.revision, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
             failures = self._enforce(model.network, new.network, outcome.change, previous, stats)
+            if new.topology.bindings != model.topology.bindings:
+                self._rebind(new)
             stats.enforce_ms = (time.perf_counter() - t2) * 1e3
             self.last = stats
             if self.journal_length >= self.checkpoint_every:
@@ -238,6 +240,14 @@ class ControlPlane:
                 "agent retries. " + "; ".join(failures[ns] for ns in sorted(failures)),
             )
         return outcome.response
+
+    def _rebind(self, model: Any) -> None:
+        """Attach/DetachNetworkInterface: host mode plugs or gives back the interfaces
+        in the loop's next round (fail closed: a port is plugged only into a router in
+        force for its ENI)."""
+        host_ports = self.agent.host_ports
+        if host_ports is not None:
+            host_ports.set_model(model.network, model.topology)
 
     # -- the kernel --------------------------------------------------------------------
 

@@ -413,3 +413,66 @@ def test_create_group_refuses_a_tag_without_a_key() -> None:
     )
     gid = out.response["SecurityGroupId"]
     assert new.network.groups[gid].tags == (("team", "web"),)
+
+
+# -- AttachNetworkInterface / DetachNetworkInterface (host mode bindings) -------------
+
+
+def test_attach_and_detach_edit_the_bindings_only() -> None:
+    model = small_model()
+    eni = next(iter(model.network.enis.values()))
+    call = {"NetworkInterfaceId": eni.eni_id, "InstanceId": eni.instance_id}
+    attached, out = model.perform("AttachNetworkInterface", call, now=NOW)
+    assert out.response == {} and out.change is not None and not out.change.vpcs
+    (binding,) = attached.topology.bindings
+    # By default: the interface named as the ENI's port, in the agent's namespace.
+    assert (binding.network_interface_id, binding.ifname, binding.netns) == (
+        eni.eni_id,
+        eni.ifname,
+        None,
+    )
+    assert attached.network is model.network
+    with pytest.raises(EcsError) as again:
+        attached.perform("AttachNetworkInterface", call, now=NOW)
+    assert again.value.code == "InvalidOperation.InvalidEniState"
+    detached, _ = attached.perform("DetachNetworkInterface", call, now=NOW)
+    assert detached.topology.bindings == ()
+    with pytest.raises(EcsError) as twice:
+        detached.perform("DetachNetworkInterface", call, now=NOW)
+    assert twice.value.code == "InvalidOperation.InvalidEniState"
+    named, _ = model.perform(
+        "AttachNetworkInterface", {**call, "Netns": "cni-1", "Ifname": "veth1"}, now=NOW
+    )
+    assert named.topology.bindings[0].model_dump(exclude_none=True) == {
+        "network_interface_id": eni.eni_id,
+        "netns": "cni-1",
+        "ifname": "veth1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({}, "MissingParameter.NetworkInterfaceId"),
+        ({"NetworkInterfaceId": "eni-nope", "InstanceId": "i-x"}, "InvalidEniId.NotFound"),
+        ({"InstanceId": "i-nope"}, "InvalidInstanceId.NotFound"),
+        ({"InstanceId": "OTHER"}, "InvalidOperation.InvalidEniState"),
+        ({"Ifname": "bad/name"}, "InvalidParameter"),
+        ({"Ifname": "veth1", "MacAddress": "02:00:00:00:00:01"}, "InvalidParameter"),
+        ({"MacAddress": "ff:ff:ff:ff:ff:ff"}, "InvalidMacAddress.Malformed"),
+    ],
+)
+def test_attach_rejects_bad_input_and_changes_nothing(params: dict[str, Any], code: str) -> None:
+    model = small_model()
+    enis = list(model.network.enis.values())
+    eni, other = enis[0], next(e for e in enis if e.instance_id != enis[0].instance_id)
+    call: dict[str, Any] = {"NetworkInterfaceId": eni.eni_id, "InstanceId": eni.instance_id}
+    call.update(params)
+    if call["InstanceId"] == "OTHER":
+        call["InstanceId"] = other.instance_id
+    if code.startswith("MissingParameter"):
+        del call["NetworkInterfaceId"]
+    with pytest.raises(EcsError) as caught:
+        model.perform("AttachNetworkInterface", call, now=NOW)
+    assert caught.value.code == code
+    assert model.topology.bindings == ()

@@ -244,6 +244,18 @@ CASES: dict[str, tuple[Any, dict[str, Any]]] = {
         ),
         {"RegionId": R, "ResourceType": "securitygroup", "ResourceId": ["sg-web", "sg-2"]},
     ),
+    "AttachNetworkInterface": (
+        m.AttachNetworkInterfaceRequest(
+            region_id=R, instance_id="i-web1", network_interface_id="eni-web1-b"
+        ),
+        {"RegionId": R, "InstanceId": "i-web1", "NetworkInterfaceId": "eni-web1-b"},
+    ),
+    "DetachNetworkInterface": (
+        m.DetachNetworkInterfaceRequest(
+            region_id=R, instance_id="i-web1", network_interface_id="eni-web1-b"
+        ),
+        {"RegionId": R, "InstanceId": "i-web1", "NetworkInterfaceId": "eni-web1-b"},
+    ),
 }
 
 

@@ -47,6 +47,7 @@ from pydantic import ValidationError
 
 from . import model as m
 from . import naming
+from .bindings import check_bindings
 from .errors import EcsError
 from .network import (
     CidrPeer,
@@ -745,6 +746,85 @@ class Model:
                 )
         return self._set_groups(eni, tuple(ids))
 
+    # -- host mode: ENIs on existing interfaces (the topology's `bindings`) -----------
+    def _bound_eni(self, params: Mapping[str, Any]) -> tuple[Eni, int | None]:
+        """The ENI of an Attach/Detach call, checked against its InstanceId, and the index
+        of its binding (None when unbound)."""
+        eni_id = _required(params, "NetworkInterfaceId")
+        eni = self.network.enis.get(eni_id)
+        if eni is None:
+            raise EcsError(
+                "InvalidEniId.NotFound", f"ENI {eni_id} does not exist", "NetworkInterfaceId"
+            )
+        inst_id = _required(params, "InstanceId")
+        if inst_id not in self.network.instances:
+            raise EcsError(
+                "InvalidInstanceId.NotFound", f"instance {inst_id} does not exist", "InstanceId"
+            )
+        if eni.instance_id != inst_id:
+            # ENIs are declared with their instance here: they do not move between them.
+            raise EcsError(
+                "InvalidOperation.InvalidEniState",
+                f"ENI {eni_id} belongs to instance {eni.instance_id}, not {inst_id}",
+                "InstanceId",
+            )
+        for i, b in enumerate(self.topology.bindings):
+            if b.network_interface_id == eni_id:
+                return eni, i
+        return eni, None
+
+    def attach_eni(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        """AttachNetworkInterface: bind the ENI to an existing interface (host mode). ECS's
+        parameters (InstanceId, NetworkInterfaceId) do not name an interface, so by
+        default it is the one named as the ENI's router port (its `ifname`, which
+        DescribeNetworkInterfaces does not show but `nftsg` derives from the id) in
+        the agent's namespace; nftsg's own parameters name another: `Netns`, and
+        `Ifname` or `MacAddress`."""
+        eni, index = self._bound_eni(params)
+        if index is not None:
+            raise EcsError(
+                "InvalidOperation.InvalidEniState",
+                f"ENI {eni.eni_id} is already attached "
+                f"({self.topology.bindings[index].model_dump(exclude_none=True)})",
+                "NetworkInterfaceId",
+            )
+        ifname = params.get("Ifname") or None
+        mac = params.get("MacAddress") or None
+        if ifname is None and mac is None:
+            ifname = eni.ifname
+        try:
+            binding = m.Binding(
+                network_interface_id=eni.eni_id,
+                netns=params.get("Netns") or None,
+                ifname=ifname,
+                mac_address=mac,
+            )
+        except ValidationError as exc:
+            raise EcsError("InvalidParameter", f"binding: {exc.errors()[0]['msg']}") from None
+        topology = self.topology.model_copy(update={"bindings": (*self.topology.bindings, binding)})
+        check_bindings(topology, self.network)  # names the bad field; nothing changed
+        return self._rebound(topology)
+
+    def detach_eni(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
+        """DetachNetworkInterface: remove the ENI's binding; the agent gives the interface
+        back to its namespace (down, under its bound name). The ENI stays in the model
+        and its rules stay compiled, with no port."""
+        eni, index = self._bound_eni(params)
+        if index is None:
+            raise EcsError(
+                "InvalidOperation.InvalidEniState",
+                f"ENI {eni.eni_id} is not attached to an interface (no binding)",
+                "NetworkInterfaceId",
+            )
+        bindings = tuple(b for i, b in enumerate(self.topology.bindings) if i != index)
+        return self._rebound(self.topology.model_copy(update={"bindings": bindings}))
+
+    def _rebound(self, topology: m.Topology) -> tuple[Model, Outcome]:
+        # The network (rules, members) does not change: no router is recompiled;
+        # host mode reads the new bindings (agent/control.py).
+        model = replace(self, topology=topology, counter=self.counter + 1)
+        return self._outcome(model, {}, Change())
+
     def create_group(self, params: Mapping[str, Any], now: str) -> tuple[Model, Outcome]:
         vpc_id = _required(params, "VpcId")
         if vpc_id not in self.network.vpcs:
@@ -1120,6 +1200,8 @@ _ACTIONS: dict[str, Any] = {
     "JoinSecurityGroup": Model.join,
     "LeaveSecurityGroup": Model.leave,
     "ModifyNetworkInterfaceAttribute": Model.modify_eni,
+    "AttachNetworkInterface": Model.attach_eni,
+    "DetachNetworkInterface": Model.detach_eni,
     "DescribeSecurityGroupAttribute": Model.describe_attribute,
     "DescribeSecurityGroupReferences": Model.describe_references,
     "DescribeSecurityGroups": Model.describe_groups,
