@@ -128,6 +128,7 @@ class FakeControlPlane:
     ModifySecurityGroupPolicy = ModifySecurityGroupAttribute = _ok
     JoinSecurityGroup = LeaveSecurityGroup = _ok
     ModifyNetworkInterfaceAttribute = TagResources = UntagResources = _ok
+    AttachNetworkInterface = DetachNetworkInterface = _ok
 
     # -- ENIs, instances, tags ----------------------------------------------
 
