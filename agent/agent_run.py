@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 
 from . import agent_settings, logging_setup, preflight
-from .settings import SettingsError
+from .settings import METRICS_ADDR_FILE, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,14 @@ def run(args: argparse.Namespace) -> int:
 
     def attach(agent: Agent) -> Callable[[], None]:
         server = MetricsServer(agent)
+        addr_file = settings.state_dir / METRICS_ADDR_FILE
+        addr_file.unlink(missing_ok=True)  # a stale one from an agent that died
         if settings.metrics_listen:
             try:
-                server.start(settings.metrics_listen)
+                host, port = server.start(settings.metrics_listen)
+                # The bound address (port 0 picks one: labs), for `lab up` and scrapers.
+                shown = f"[{host}]" if ":" in host else host
+                addr_file.write_text(f"{shown}:{port}\n")
             except OSError as exc:
                 # Enforcement matters more than metrics: run on without them.
                 agent.counters["failures.metrics"] += 1
@@ -74,7 +79,12 @@ def run(args: argparse.Namespace) -> int:
                     settings.metrics_listen,
                     exc.strerror or exc,
                 )
-        return server.stop
+
+        def stop() -> None:
+            server.stop()
+            addr_file.unlink(missing_ok=True)
+
+        return stop
 
     return run_forever(settings, reload_settings=reload, attach=attach)
 

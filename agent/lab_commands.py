@@ -31,7 +31,7 @@ from .labplan import LabError
 from .netns import NetnsError
 from .nft_backend import NftError
 from .preflight import PreflightError
-from .settings import Settings, SettingsError, settings_from_env
+from .settings import METRICS_ADDR_FILE, Settings, SettingsError, settings_from_env
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,21 @@ def agent_pid(settings: Settings) -> int | None:
     return pid if _pid_alive(pid) else None
 
 
+def lab_metrics_listen() -> list[str]:
+    """The metrics option of a lab's agent: an ephemeral loopback port (the bound address
+    is written to the state dir's `metrics.addr`), so that labs running side by side
+    each get metrics instead of the second one losing the default port; none when
+    the environment or the settings file asks for an address of its own."""
+    if agent_settings.env_name("metrics_listen") in os.environ:
+        return []
+    try:
+        if "metrics_listen" in agent_settings._read_file(agent_settings.sources_from(None, {})):
+            return []
+    except Exception:  # a bad settings file: the agent reports it itself
+        return []
+    return ["--metrics-listen", "127.0.0.1:0"]
+
+
 def start_agent(settings: Settings, api_listen: str | None = None) -> int:
     pid = agent_pid(settings)
     if pid is not None:
@@ -152,6 +167,7 @@ def start_agent(settings: Settings, api_listen: str | None = None) -> int:
                 "--table",
                 settings.table,
                 *(["--api-listen", api_listen] if api_listen else []),
+                *lab_metrics_listen(),
             ],
             stdin=subprocess.DEVNULL,
             stdout=logfile,
@@ -261,8 +277,19 @@ def lab_up(args: argparse.Namespace) -> int:
     print(f"  hosts: {', '.join(names)}")
     print("  try:  nftsg lab exec NAME -- ping -c1 -W1 ADDRESS")
     print("        nftsg explain --from SRC --to DST --protocol tcp --port 22")
+    metrics = metrics_address(settings.state_dir)
+    if metrics:
+        print(f"  metrics: http://{metrics}/metrics")
     print("  stop: nftsg lab down")
     return 0
+
+
+def metrics_address(state_dir: Path) -> str | None:
+    """HOST:PORT the agent's metrics are served on (its `metrics.addr`), if any."""
+    try:
+        return (state_dir / METRICS_ADDR_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def lab_down(args: argparse.Namespace) -> int:

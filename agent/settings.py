@@ -17,6 +17,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/nftsg")
 DEFAULT_PREFIX = "nftsg"
 DEFAULT_TABLE = "nftsg"
 CT_MARK_BIT_ENV = "NFTSG_CT_MARK_BIT"
+# The metrics server's bound HOST:PORT, written by the agent in its state dir.
+METRICS_ADDR_FILE = "metrics.addr"
 
 
 class SettingsError(ValueError):
