@@ -60,7 +60,8 @@ class RuleHits:
         # (namespace, set or chain, element) -> (packets, bytes) at the last reading
         self._last: dict[tuple[str, str, Any], tuple[int, int]] = {}
         self.last_reading: float | None = None
-        self._labels: tuple[int, dict[CounterKey, str]] | None = None
+        # The labels of the program last read (held, not its id: ids are reused).
+        self._labels: tuple[Program, dict[CounterKey, str]] | None = None
         self._load()
 
     # -- persistence -------------------------------------------------------------
@@ -99,8 +100,8 @@ class RuleHits:
     # -- readings ------------------------------------------------------------------
 
     def _labels_of(self, program: Program) -> dict[CounterKey, str]:
-        if self._labels is None or self._labels[0] != id(program):
-            self._labels = (id(program), element_labels(program))
+        if self._labels is None or self._labels[0] is not program:
+            self._labels = (program, element_labels(program))
         return self._labels[1]
 
     def observe(self, namespace: str, program: Program, listing: Mapping[str, Any]) -> int:

@@ -151,8 +151,6 @@ def alab(tmp_path_factory: pytest.TempPathFactory, run_prefix: str) -> Iterator[
     api_port = free_port()
     with cli_lab(f"{run_prefix}a", state) as lab:
         try:
-            # Deleting the container namespace deletes the pair, wherever its host end is.
-            _container(ctr, port)
             created = lab.run("api-key", "create")
             assert created.returncode == 0, describe(created)
             key = json.loads(created.stdout)
@@ -161,6 +159,11 @@ def alab(tmp_path_factory: pytest.TempPathFactory, run_prefix: str) -> Iterator[
                 "lab", "up", str(path), "--api-listen", f"127.0.0.1:{api_port}", timeout=120
             )
             assert proc.returncode == 0, f"{describe(proc)}\n{lab.log_tail()}"
+            # The interface appears once the lab is up (a container started later): an
+            # interface there before `lab up` can race the lab's own router setup
+            # (EEXIST when the agent plugs it first). Deleting the container
+            # namespace deletes the pair, wherever its host end is.
+            _container(ctr, port)
             client = Client(
                 openapi_models.Config(
                     access_key_id=key["AccessKeyId"],
