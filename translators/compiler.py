@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from .flatten import Ranked, flatten, flatten_labelled
@@ -41,6 +42,8 @@ from .nft import (
     Counter,
     Ct,
     Key,
+    Limit,
+    Log,
     Masked,
     Match,
     Meta,
@@ -220,6 +223,44 @@ def bucket_set_name(pid: str, direction: str, bkey: BucketKey, part: int) -> str
 
 _VERDICT_OF = {"accept": RETURN, "drop": DROP}
 
+# NFLOG prefix of the denied-flow log rules: `nftsg:<profile>:<in|out>`; the agent
+# reads the profile and the side back from it (agent/nflog.py).
+LOG_PREFIX = "nftsg"
+
+
+def log_prefix(pid: str, direction: str) -> str:
+    return f"{LOG_PREFIX}:{pid}:{_DIR_SHORT[direction]}"
+
+
+@dataclass(frozen=True)
+class DeniedLog:
+    """Denied-flow logging (docs/dataplane.md "Denied-flow logs"): profiles holding
+    one of `groups` log, before each of their dropping rules, to NFLOG `nflog_group`,
+    at most `rate` packets per second per such rule (the drop itself is never limited)."""
+
+    groups: frozenset[str]
+    nflog_group: int = 2
+    rate: int = 10
+
+
+def with_log_rules(rules: Sequence[NftRule], prefix: str, log: DeniedLog) -> tuple[NftRule, ...]:
+    """Before every rule ending in `drop`, a rule with the same matches (counters
+    left out), `limit` and `log`, and NO verdict: over the rate only the copy to
+    NFLOG is skipped, never the drop."""
+    out: list[NftRule] = []
+    for rule in rules:
+        st = rule.statements
+        if st and st[-1] == DROP:
+            matches = tuple(x for x in st[:-1] if not isinstance(x, Counter))
+            out.append(
+                NftRule(
+                    (*matches, Limit(log.rate), Log(prefix, log.nflog_group)),
+                    safe_comment(f"log {rule.comment}"),
+                )
+            )
+        out.append(rule)
+    return tuple(out)
+
 
 class _Compiler:
     def __init__(
@@ -230,8 +271,10 @@ class _Compiler:
         ct_mark_bit: int,
         layout: Layout = DEFAULT_LAYOUT,
         counters: bool = False,
+        denied_log: DeniedLog | None = None,
     ) -> None:
         self.net = network
+        self.denied_log = denied_log
         self.vpc_id = vpc_id
         self.table = table
         self.ct_mark_bit = ct_mark_bit
@@ -541,6 +584,15 @@ class _Compiler:
         # Counted: the default rule counts too (packets no rule decided).
         statements = (Counter(), default) if self.counters else (default,)
         rules.append(NftRule(statements, safe_comment(f"default {direction} {kind}")))
+        log = self.denied_log
+        if log is not None and any(g.group_id in log.groups for g in groups):
+            return (
+                NftChain(
+                    f"{_DIR_SHORT[direction]}_{pid}",
+                    with_log_rules(rules, log_prefix(pid, direction), log),
+                ),
+                sets,
+            )
         return NftChain(f"{_DIR_SHORT[direction]}_{pid}", tuple(rules)), sets
 
     def profiles(self) -> dict[str, list[SecurityGroup]]:
@@ -722,16 +774,20 @@ def compile_vpc(
     *,
     layout: Layout = DEFAULT_LAYOUT,
     counters: bool = False,
+    denied_log: DeniedLog | None = None,
 ) -> Program:
     """The program of the VPC router of `vpc_id`; `ct_mark_bit` as in `forward_chain`;
-    `counters`: per-rule hit counters (flat layout only; ignored by v4)."""
+    `counters`: per-rule hit counters (flat layout only; ignored by v4);
+    `denied_log`: NFLOG rules for profiles of the logged groups (flat layout only)."""
     if vpc_id not in network.vpcs:
         raise KeyError(f"unknown VPC {vpc_id!r}")
     if layout not in ("flat", "v4"):
         raise ValueError(f"unknown layout {layout!r}")
     check_ct_mark_bit(ct_mark_bit)
     with cyclic_gc_paused():
-        return _Compiler(network, vpc_id, table, ct_mark_bit, layout, counters).program()
+        return _Compiler(
+            network, vpc_id, table, ct_mark_bit, layout, counters, denied_log
+        ).program()
 
 
 def compile_all(
@@ -741,9 +797,18 @@ def compile_all(
     *,
     layout: Layout = DEFAULT_LAYOUT,
     counters: bool = False,
+    denied_log: DeniedLog | None = None,
 ) -> dict[str, Program]:
     """One program per VPC, keyed (and ordered) by VPC id."""
     return {
-        vpc_id: compile_vpc(network, vpc_id, table, ct_mark_bit, layout=layout, counters=counters)
+        vpc_id: compile_vpc(
+            network,
+            vpc_id,
+            table,
+            ct_mark_bit,
+            layout=layout,
+            counters=counters,
+            denied_log=denied_log,
+        )
         for vpc_id in sorted(network.vpcs)
     }

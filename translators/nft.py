@@ -167,7 +167,38 @@ class Counter:
     """`counter`: counts the packets reaching it (per-rule hit counters); decides nothing."""
 
 
-Statement: TypeAlias = Match | VerdictMap | Verdict | Counter
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """`limit rate N/second`: matches while under the rate (burst: nft's default, 5).
+    Only ever in a rule WITHOUT a verdict: in a dropping rule, a packet over the rate
+    would skip the drop and fall to what follows (fail-open on a default accept)."""
+
+    rate: int
+
+    def __post_init__(self) -> None:
+        if self.rate < 1:
+            raise ValueError(f"limit rate {self.rate} is not positive")
+
+
+LIMIT_BURST = 5  # nft's default burst; JSON lists it, text omits it
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """`log prefix "..." group N`: hands the packet to NFLOG group N; decides nothing.
+    The prefix is made of ids only (checked like a comment)."""
+
+    prefix: str
+    group: int
+
+    def __post_init__(self) -> None:
+        if self.prefix != safe_comment(self.prefix) or len(self.prefix) > 63:
+            raise ValueError(f"unsafe log prefix {self.prefix!r}")
+        if not 0 <= self.group <= 65535:
+            raise ValueError(f"NFLOG group {self.group} out of range")
+
+
+Statement: TypeAlias = Match | VerdictMap | Verdict | Counter | Limit | Log
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,6 +490,10 @@ class Writer:
             out = render_verdict(st)
         elif isinstance(st, Counter):
             out = {"counter": None}
+        elif isinstance(st, Limit):
+            out = {"limit": {"rate": st.rate, "burst": LIMIT_BURST, "per": "second"}}
+        elif isinstance(st, Log):
+            out = {"log": {"prefix": st.prefix, "group": st.group}}
         elif isinstance(st, Match):
             out = self._match(st)
         else:

@@ -28,6 +28,8 @@ from .nft import (
     Ct,
     Expr,
     Key,
+    Limit,
+    Log,
     Masked,
     Match,
     Meta,
@@ -87,6 +89,10 @@ def _statement(st: Statement) -> str:
         return _verdict(st)
     if isinstance(st, Counter):
         return "counter"
+    if isinstance(st, Limit):
+        return f"limit rate {st.rate}/second"  # the default burst, as nft lists it
+    if isinstance(st, Log):
+        return f'log prefix "{st.prefix}" group {st.group}'
     if isinstance(st, Match):
         right = f"@{_name(st.right.name)}" if isinstance(st.right, SetRef) else _value(st.right)
         op = "!= " if st.op == "!=" else ("== " if isinstance(st.left, Masked) else "")

@@ -42,7 +42,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, cast
 
 from .network import IPAddress
 
@@ -355,6 +355,8 @@ class _VMap:
 
 
 _Stmt: TypeAlias = _Match | _VMap | _Verdict | None  # None: a counter, which decides nothing
+# A `limit` while parsing a rule (becomes None once checked to be in a verdict-less rule).
+_LIMIT: _Stmt = cast("_Stmt", object())
 
 
 @dataclass
@@ -670,6 +672,11 @@ class Ruleset:
             stmt = self._stmt(raw)
             if isinstance(stmt, _Verdict | _VMap) and i != len(exprs) - 1:
                 raise InvalidProgram(f"statement after the verdict in {exprs!r}")
+            if stmt is _LIMIT:
+                if isinstance(self._stmt(exprs[-1]), _Verdict | _VMap):
+                    # Over the rate the verdict would be skipped: fail-open.
+                    raise UnsupportedExpression(f"limit in a rule with a verdict: {exprs!r}")
+                stmt = None
             stmts.append(stmt)
         return _Rule(stmts, " ".join(_show_stmt(s) for s in stmts if s is not None))
 
@@ -680,6 +687,12 @@ class Ruleset:
         kind, body = _one_key(raw, "statement")
         if kind == "counter" and (body is None or isinstance(body, dict)):
             return None  # counts, decides nothing
+        if kind == "log" and isinstance(body, dict) and set(body) <= {"prefix", "group"}:
+            return None  # hands a copy to NFLOG, decides nothing
+        if kind == "limit" and isinstance(body, dict):
+            # Whether it matches depends on the rate; modelled as "decides nothing",
+            # which holds only in a rule without a verdict (checked in _rule).
+            return _LIMIT
         if kind == "match" and isinstance(body, dict) and set(body) == {"op", "left", "right"}:
             return self._match(body)
         if kind == "vmap" and isinstance(body, dict) and set(body) == {"key", "data"}:
