@@ -687,7 +687,7 @@ class Ruleset:
         kind, body = _one_key(raw, "statement")
         if kind == "counter" and (body is None or isinstance(body, dict)):
             return None  # counts, decides nothing
-        if kind == "log" and isinstance(body, dict) and set(body) <= {"prefix", "group"}:
+        if kind == "log" and isinstance(body, dict) and set(body) == {"prefix", "group"}:
             return None  # hands a copy to NFLOG, decides nothing
         if kind == "limit" and isinstance(body, dict):
             # Whether it matches depends on the rate; modelled as "decides nothing",
