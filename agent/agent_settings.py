@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,10 @@ DEFAULT_API_LISTEN = "127.0.0.1:7380"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9380"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+# The id form validation accepts (docs/dataplane.md "Names").
+_GROUP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class AgentFile(BaseModel):
@@ -75,6 +80,24 @@ class AgentFile(BaseModel):
     rule_counters: bool = False
     # Seconds between readings of every router's counters (one table listing each).
     rule_counters_interval: float = Field(10.0, gt=0, le=86400)
+    # Denied-flow logs: the security group ids whose ENIs' dropped packets are
+    # logged (a list, or comma-separated in the environment); none by default.
+    log_denied_groups: list[str] = []
+    log_denied_nflog_group: int = Field(2, ge=0, le=65535)
+    log_denied_rate: int = Field(10, ge=1, le=100000)
+    log_denied_records_rate: float = Field(50.0, gt=0, le=100000)
+    log_denied_file: bool = False
+
+    @field_validator("log_denied_groups", mode="before")
+    @classmethod
+    def _group_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            for v in value:
+                if not isinstance(v, str) or not _GROUP_ID.fullmatch(v):
+                    raise ValueError(f"{v!r} is not a security group id")
+        return value
 
     @field_validator("api_listen", "metrics_listen")
     @classmethod
@@ -227,6 +250,11 @@ def load(sources: Sources, environ: Mapping[str, str] | None = None) -> Settings
         layout=checked.layout,
         rule_counters=checked.rule_counters,
         rule_counters_interval=checked.rule_counters_interval,
+        log_denied_groups=tuple(sorted(set(checked.log_denied_groups))),
+        log_denied_nflog_group=checked.log_denied_nflog_group,
+        log_denied_rate=checked.log_denied_rate,
+        log_denied_records_rate=checked.log_denied_records_rate,
+        log_denied_file=checked.log_denied_file,
         config_path=sources.config if sources.config.exists() else None,
     )
 
@@ -236,7 +264,14 @@ def reload(current: Settings, sources: Sources) -> Settings:
     name the store, the tables and the marks in force: a change of those needs a
     restart, and a reload that asks for one applies nothing."""
     fresh = load(sources)
-    kept = {"state_dir", "prefix", "table", "ct_mark_bit", "rule_counters"}
+    kept = {
+        "state_dir",
+        "prefix",
+        "table",
+        "ct_mark_bit",
+        "rule_counters",
+        *(k for k in KEYS if k.startswith("log_denied")),
+    }
     changed = sorted(k for k in kept if getattr(fresh, k) != getattr(current, k))
     if changed:
         raise SettingsError(

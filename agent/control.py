@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nftsg.translators.actions import Change, Model
+from nftsg.translators.compiler import DeniedLog
 from nftsg.translators.diff import diff_programs
 from nftsg.translators.errors import EcsError
 from nftsg.translators.incremental import CompileCache, compile_vpc_cached
@@ -60,9 +61,12 @@ DEFAULT_CHECKPOINT_EVERY = 1000
 class CachedCompile:
     """The reconciler's compile function, keeping one `CompileCache` per VPC."""
 
-    def __init__(self, layout: Any, counters: bool = False) -> None:
+    def __init__(
+        self, layout: Any, counters: bool = False, denied_log: DeniedLog | None = None
+    ) -> None:
         self.layout = layout
         self.counters = counters
+        self.denied_log = denied_log
         self.caches: dict[str, CompileCache] = {}
 
     def __call__(self, network: Network, vpc_id: str, table: str, ct_mark_bit: int) -> Program:
@@ -76,6 +80,7 @@ class CachedCompile:
                 ct_mark_bit,
                 layout=self.layout,
                 counters=self.counters,
+                denied_log=self.denied_log,
             )
         except BaseException:
             self.caches.pop(vpc_id, None)
@@ -143,7 +148,9 @@ class ControlPlane:
         self.last = CallStats()
         self._ct_factory = conntracker
         self._ct: Conntracker | None = None
-        self.compile = CachedCompile(agent.reconciler.layout, agent.reconciler.counters)
+        self.compile = CachedCompile(
+            agent.reconciler.layout, agent.reconciler.counters, agent.reconciler.denied_log
+        )
         agent.reconciler.compile_program = self.compile
         agent.model_source = self.current
 

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nftsg.translators.compiler import DeniedLog
 from nftsg.translators.evaluator import Flow
 from nftsg.translators.model import Topology, topology_from_data
 from nftsg.translators.network import Network
@@ -53,6 +54,7 @@ from .events import TableEvents
 from .hits import RuleHits, hits_path
 from .host_mode import HostPorts, LinkEvents
 from .lab import Lab
+from .nflog import RECORDS_FILE, DeniedFlowLog
 from .nft_backend import Backend, NftBackend
 from .reconcile import Compile, FlowJudge, Reconciler, SyncFailed
 from .selfcheck import DEFAULT_SAMPLE, SelfCheck, check_flows, sample
@@ -193,7 +195,19 @@ class Agent:
             layout=settings.layout,
             counters=settings.rule_counters,
             hits=RuleHits(hits_path(settings.state_dir)) if settings.rule_counters else None,
+            denied_log=_denied_log(settings),
         )
+        # Denied-flow logs (agent/nflog.py): a reader per router namespace, started
+        # once the router's rules are in force; None when no group is logged.
+        self.denied: DeniedFlowLog | None = None
+        self._denied_retry: dict[str, float] = {}
+        if settings.log_denied_groups:
+            self.denied = DeniedFlowLog(
+                settings.log_denied_nflog_group,
+                settings.log_denied_records_rate,
+                settings.state_dir / RECORDS_FILE if settings.log_denied_file else None,
+                lambda ns: (self.network, self.reconciler.applied.get(ns)),
+            )
         self.revision: int | None = None  # the loaded model's revision
         self.network: Network | None = None
         self.routers: dict[str, RouterState] = {}
@@ -226,6 +240,7 @@ class Agent:
         self._check_changed_tables()
         in_force = self._sync_routers(network, now)
         self._plug_ports()
+        self._watch_denied()
         if now >= self._next_verify:
             self._next_verify = now + self.verify_every
             self.verify()
@@ -236,6 +251,25 @@ class Agent:
             self._next_counters = now + self.settings.rule_counters_interval
             self.read_counters()
         return in_force
+
+    def _watch_denied(self) -> None:
+        """Bind the denied-flow reader in every router namespace that holds our rules."""
+        if self.denied is None:
+            return
+        for namespace in set(self.denied.sockets) - set(self.routers):
+            self.denied.forget(namespace)
+        for namespace in sorted(self.routers):
+            if namespace in self.denied.sockets or namespace not in self.reconciler.applied:
+                continue
+            if self.clock() < self._denied_retry.get(namespace, 0.0):
+                continue
+            try:
+                self.denied.watch(namespace)
+            except OSError as exc:
+                # Logging is an extra; enforcement goes on without it. Retried at the
+                # verify interval, not every round (EBUSY: another reader has the group).
+                self._denied_retry[namespace] = self.clock() + self.verify_every
+                self._count_failure("denied_log", f"cannot read NFLOG in {namespace}: {exc}")
 
     def read_counters(self) -> None:
         """Read every router's hit counters into the per-rule totals (agent/hits.py).
@@ -586,12 +620,24 @@ class Agent:
         log.info("agent stopping; rules stay in place")
 
     def close(self) -> None:
+        if self.denied is not None:
+            self.denied.close()
         if self.table_events is not None:
             self.table_events.close()
         if self.host_ports is not None:
             self.host_ports.close()
         self.backend.close()
         self.store.close()
+
+
+def _denied_log(settings: Settings) -> DeniedLog | None:
+    if not settings.log_denied_groups:
+        return None
+    return DeniedLog(
+        frozenset(settings.log_denied_groups),
+        settings.log_denied_nflog_group,
+        settings.log_denied_rate,
+    )
 
 
 def _built(revision: int, topology: Topology, digest: str) -> tuple[int, Network, str, Topology]:

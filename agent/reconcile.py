@@ -37,6 +37,7 @@ from nftsg.translators.canonical import (
 )
 from nftsg.translators.compiler import (
     DEFAULT_CT_MARK_BIT,
+    DeniedLog,
     Layout,
     check_ct_mark_bit,
     compile_vpc,
@@ -117,8 +118,11 @@ class Reconciler:
         layout: Layout | None = None,
         counters: bool = False,
         hits: RuleHits | None = None,
+        denied_log: DeniedLog | None = None,
     ) -> None:
         self.backend = backend
+        # Denied-flow log rules for the profiles of these groups (agent/nflog.py).
+        self.denied_log = denied_log
         self.layout: Layout = layout or layout_from_env()
         # Per-rule hit counters in the programs (docs/dataplane.md "Hit counters"),
         # read into `hits` by every listing and before changes that recreate them.
@@ -139,7 +143,13 @@ class Reconciler:
 
     def _compile(self, network: Network, vpc_id: str, table: str, ct_mark_bit: int) -> Program:
         return compile_vpc(
-            network, vpc_id, table, ct_mark_bit, layout=self.layout, counters=self.counters
+            network,
+            vpc_id,
+            table,
+            ct_mark_bit,
+            layout=self.layout,
+            counters=self.counters,
+            denied_log=self.denied_log,
         )
 
     def forget(self, namespace: str | None = None) -> None:

@@ -50,6 +50,16 @@ class Settings:
     # default, they multiply the flat sets' elements (measured 1.3-7x).
     rule_counters: bool = False
     rule_counters_interval: float = 10.0  # seconds between readings of the counters
+    # Denied-flow logs (docs/dataplane.md "Denied-flow logs"): the groups whose
+    # profiles log dropped packets to NFLOG group `log_denied_nflog_group`, at most
+    # `log_denied_rate` packets/s per dropping rule (kernel) and
+    # `log_denied_records_rate` records/s written (agent); `log_denied_file`: also
+    # JSON lines in the state directory.
+    log_denied_groups: tuple[str, ...] = ()
+    log_denied_nflog_group: int = 2
+    log_denied_rate: int = 10
+    log_denied_records_rate: float = 50.0
+    log_denied_file: bool = False
     config_path: Path | None = None  # the settings file read, if any
 
     @property

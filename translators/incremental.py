@@ -28,6 +28,7 @@ from .compiler import (
     DEFAULT_CT_MARK_BIT,
     DEFAULT_LAYOUT,
     BucketKey,
+    DeniedLog,
     Layout,
     Parts,
     RuleKey,
@@ -179,6 +180,7 @@ def compile_vpc_cached(
     *,
     layout: Layout = DEFAULT_LAYOUT,
     counters: bool = False,
+    denied_log: DeniedLog | None = None,
 ) -> Program:
     """`compile_vpc(network, vpc_id, table, ct_mark_bit, layout=layout)`, reusing from
     `cache` what the previous compile of this VPC built from the same objects, and
@@ -188,7 +190,7 @@ def compile_vpc_cached(
     if layout not in ("flat", "v4"):
         raise ValueError(f"unknown layout {layout!r}")
     check_ct_mark_bit(ct_mark_bit)
-    key = (network.vpcs.get(vpc_id), vpc_id, table, ct_mark_bit, layout, counters)
+    key = (network.vpcs.get(vpc_id), vpc_id, table, ct_mark_bit, layout, counters, denied_log)
     if cache.key != key:
         cache.groups.clear()
         cache.chains.clear()
@@ -197,5 +199,5 @@ def compile_vpc_cached(
     cache.reused = cache.built = 0
     with cyclic_gc_paused():
         return _CachedCompiler(
-            cache, network, vpc_id, table, ct_mark_bit, layout, counters
+            cache, network, vpc_id, table, ct_mark_bit, layout, counters, denied_log
         ).program()
