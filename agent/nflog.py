@@ -372,7 +372,8 @@ class DeniedFlowLog:
             rec.get("dst"),
             rec.get("dport"),
             who,
-            extra={"denied_flow": rec},
+            # Flat fields: journald stores them as DENIED_ENI_ID=..., DENIED_RULE_ID=...
+            extra={f"denied_{k}": v for k, v in rec.items()},
         )
         if self.records_path is not None:
             with self.records_path.open("a") as f:

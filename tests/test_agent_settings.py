@@ -138,3 +138,30 @@ def test_nftsg_agent_exits_2_with_the_error_before_anything_else(tmp_path: Path)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("nftsg: InvalidSettings.Value: ")
     assert "selfcheck_interval" in lines[0]
+
+
+def test_denied_flow_log_settings(tmp_path: Path) -> None:
+    assert load(None).log_denied_groups == ()  # off by default: no log rule anywhere
+    config = write(
+        tmp_path / "agent.yaml",
+        "log_denied_groups: [sg-web, sg-db]\nlog_denied_rate: 3\nlog_denied_file: true\n",
+    )
+    got = load(config)
+    assert (got.log_denied_groups, got.log_denied_rate, got.log_denied_file) == (
+        ("sg-db", "sg-web"),
+        3,
+        True,
+    )
+    assert got.log_denied_nflog_group == 2
+    env = load(None, {"NFTSG_LOG_DENIED_GROUPS": "sg-a, sg-b,sg-a"})
+    assert env.log_denied_groups == ("sg-a", "sg-b")
+    with pytest.raises(SettingsError, match=r"^InvalidSettings.Value: .*log_denied_groups"):
+        load(None, {"NFTSG_LOG_DENIED_GROUPS": "sg a"})
+    with pytest.raises(SettingsError, match=r"^InvalidSettings.Value: .*log_denied_nflog_group"):
+        load(None, {"NFTSG_LOG_DENIED_NFLOG_GROUP": "70000"})
+    # Changing the logged groups changes the programs: a restart, like rule_counters.
+    sources = agent_settings.sources_from(str(config), {})
+    current = agent_settings.load(sources, {})
+    config.write_text("log_denied_groups: [sg-web]\n")
+    with pytest.raises(SettingsError, match=r"NeedsRestart: .*log_denied_groups"):
+        agent_settings.reload(current, sources)
