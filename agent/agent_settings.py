@@ -305,6 +305,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rule-counters-interval", metavar="S", help="seconds between readings of the counters"
     )
+    parser.add_argument(
+        "--log-denied-groups", metavar="IDS", help="security groups whose drops are logged: a,b"
+    )
+    parser.add_argument("--log-denied-nflog-group", metavar="N", help="NFLOG group (default 2)")
+    parser.add_argument(
+        "--log-denied-rate", metavar="N", help="logged packets/s per dropping rule (kernel)"
+    )
+    parser.add_argument(
+        "--log-denied-records-rate", metavar="N", help="denied-flow records/s written (agent)"
+    )
+    parser.add_argument(
+        "--log-denied-file", metavar="BOOL", help="also write denied-flows.jsonl: true/false"
+    )
 
 
 def sources_from_args(args: argparse.Namespace) -> Sources:
