@@ -372,7 +372,7 @@ class DeniedFlowLog:
             rec.get("dst"),
             rec.get("dport"),
             who,
-            # Flat fields: journald stores them as DENIED_ENI_ID=..., DENIED_RULE_ID=...
+            # Flat extra attributes, for a journal handler that sends them as fields.
             extra={f"denied_{k}": v for k, v in rec.items()},
         )
         if self.records_path is not None:
