@@ -2,7 +2,7 @@
 NFLOG messages, the flow read from a packet's headers, the record naming the ENI,
 direction and deciding rule (from the counted program's labels, or from the
 evaluator), and the agent-side token bucket. The real socket is tested in
-netns-tests/test_denied_log.py."""
+netns-tests/test_log_rules.py."""
 
 from __future__ import annotations
 
