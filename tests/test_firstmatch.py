@@ -5,6 +5,7 @@ canonical flattening of the same rules (same region, other cut)."""
 from __future__ import annotations
 
 import itertools
+import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,16 +19,12 @@ SPLITS = ((0, 1, 2), (2, 1, 0), (1, 2, 0))
 
 
 def spans(hi: int) -> st.SearchStrategy[Span]:
-    return st.tuples(st.integers(0, hi), st.integers(0, hi)).map(
-        lambda t: Span(min(t), max(t))
-    )
+    return st.tuples(st.integers(0, hi), st.integers(0, hi)).map(lambda t: Span(min(t), max(t)))
 
 
 rules = st.lists(
     st.builds(
-        lambda box, prio, drop, want_drop: Ranked(
-            box, (prio, 0 if drop else 1), drop == want_drop
-        ),
+        lambda box, prio, drop, want_drop: Ranked(box, (prio, 0 if drop else 1), drop == want_drop),
         st.tuples(spans(7), spans(15), spans(7)),
         st.integers(1, 4),
         st.booleans(),
@@ -81,9 +78,7 @@ def test_same_region_as_the_canonical_flattening_and_independent_of_rule_order(
     canonical = flatten(rules, DOMAIN, ORDERS, 10_000) or []
     assert region is not None
     for point in _points():
-        assert any(_inside(b, point) for b in region) == any(
-            _inside(b, point) for b in canonical
-        )
+        assert any(_inside(b, point) for b in region) == any(_inside(b, point) for b in canonical)
 
 
 def test_overlap_of_other_fields_does_not_cut() -> None:
@@ -111,3 +106,50 @@ def test_beyond_the_limit_there_are_no_pieces() -> None:
     ]
     assert first_match_region(points, len(points), SPLITS[0]) is not None
     assert first_match_region(points, len(points) - 1, SPLITS[0]) is None
+
+
+# Five fields with real widths, so the index's port bins and wide boxes are used;
+# checked at every box corner and its neighbours (where the region can change).
+_WIDE = (Span(0, 255), Span(0, 2**32 - 1), Span(0, 65535), Span(0, 65535), Span(0, 2**32 - 1))
+
+
+def _wide_span(hi: int) -> st.SearchStrategy[Span]:
+    edge = st.sampled_from([0, 1, 6, 17, 1023, 1024, 5000, 9000, 65535, hi]).filter(
+        lambda v: v <= hi
+    )
+    return st.tuples(edge | st.integers(0, hi), edge | st.integers(0, hi)).map(
+        lambda t: Span(min(t), max(t))
+    )
+
+
+wide_rules = st.lists(
+    st.builds(
+        lambda box, prio, drop: Ranked(box, (prio, 0 if drop else 1), not drop),
+        st.tuples(*(_wide_span(s.hi) for s in _WIDE)),
+        st.integers(1, 3),
+        st.booleans(),
+    ),
+    max_size=10,
+)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(rules=wide_rules)
+def test_five_fields_with_port_bins(rules: list[Ranked]) -> None:
+    pieces = first_match_pieces(rules, 100_000)
+    assert pieces is not None
+    boxes = [b for b, _ in pieces]
+    for a, b in itertools.combinations(boxes, 2):
+        assert any(x.hi < y.lo or y.hi < x.lo for x, y in zip(a, b, strict=True)), (a, b)
+    values = [
+        sorted(
+            {v for r in rules for s in (r.box[f],) for v in (s.lo, s.hi, s.lo - 1, s.hi + 1)}
+            & set(range(_WIDE[f].lo, _WIDE[f].hi + 1))
+            or {0}
+        )
+        for f in range(5)
+    ]
+    rnd = random.Random(len(rules))
+    for _ in range(1500):
+        point = tuple(rnd.choice(v) for v in values)
+        assert any(_inside(b, point) for b in boxes) == (decide(rules, point) is True), point

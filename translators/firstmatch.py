@@ -61,33 +61,73 @@ def first_match_pieces(
     Field 0 is the protocol (any field works; it only groups the earlier boxes)."""
     order = sorted(range(len(rules)), key=lambda i: (rules[i].rank, rules[i].box))
     out: list[tuple[Box, int]] = []
-    # Earlier boxes grouped by protocol span: most pairs differ in protocol or in
-    # port and are skipped without the full five-field test.
-    earlier: dict[Span, list[Box]] = {}
-    for i in order:
+    index = _Index()
+    for seq, i in enumerate(order):
         r = rules[i]
-        proto = r.box[0]
         if r.wanted:
             frags = [r.box]
-            for p, boxes in earlier.items():
-                if p.hi < proto.lo or proto.hi < p.lo:
-                    continue
-                for b in boxes:
-                    if not frags:
-                        break
-                    nxt: list[Box] = []
-                    for fr in frags:
-                        if _overlap(fr, b):
-                            _subtract(fr, b, nxt, split_order)
-                        else:
-                            nxt.append(fr)
-                    frags = nxt
+            for b in index.overlapping(r.box):
+                nxt: list[Box] = []
+                for fr in frags:
+                    if _overlap(fr, b):
+                        _subtract(fr, b, nxt, split_order)
+                    else:
+                        nxt.append(fr)
+                frags = nxt
+                if not frags:
+                    break
             out.extend((fr, i) for fr in frags)
             if len(out) > limit:
                 return None
-        earlier.setdefault(proto, []).append(r.box)
+        index.add(seq, r.box)
     out.sort()
     return out
+
+
+_Entry = tuple[int, Box]  # (position in decision order, box)
+
+
+class _Index:
+    """The earlier boxes, found by overlap without testing every pair (the compile
+    spent most of its time in pairwise tests): grouped by field 0 (the protocol)
+    and binned by field 2 (the destination port) in bins of 2^`_BIN_BITS`; a box
+    spanning more than `_MAX_BINS` bins is kept apart and always tested."""
+
+    _BIN_BITS = 10
+    _MAX_BINS = 4
+
+    def __init__(self) -> None:
+        # protocol span -> (port bin -> [(seq, box)], [(seq, box) too wide to bin])
+        self._by_proto: dict[Span, tuple[dict[int, list[_Entry]], list[_Entry]]] = {}
+
+    def add(self, seq: int, box: Box) -> None:
+        bins, wide = self._by_proto.setdefault(box[0], ({}, []))
+        lo, hi = box[2].lo >> self._BIN_BITS, box[2].hi >> self._BIN_BITS
+        if hi - lo >= self._MAX_BINS:
+            wide.append((seq, box))
+        else:
+            for k in range(lo, hi + 1):
+                bins.setdefault(k, []).append((seq, box))
+
+    def overlapping(self, box: Box) -> list[Box]:
+        """The earlier boxes that overlap `box`, in the order they were added."""
+        proto, dport = box[0], box[2]
+        lo, hi = dport.lo >> self._BIN_BITS, dport.hi >> self._BIN_BITS
+        found: dict[int, Box] = {}
+        for p, (bins, wide) in self._by_proto.items():
+            if p.hi < proto.lo or proto.hi < p.lo:
+                continue
+            for seq, b in wide:
+                if _overlap(box, b):
+                    found[seq] = b
+            if hi - lo >= self._MAX_BINS:
+                candidates = [x for k in bins for x in bins[k]]
+            else:
+                candidates = [x for k in range(lo, hi + 1) for x in bins.get(k, ())]
+            for seq, b in candidates:
+                if seq not in found and _overlap(box, b):
+                    found[seq] = b
+        return [found[k] for k in sorted(found)]
 
 
 def first_match_region(
