@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from .firstmatch import first_match_region
 from .flatten import Ranked, flatten, flatten_labelled
 from .network import (
     PROTOCOL_NUMBERS,
@@ -484,7 +485,11 @@ class _Compiler:
         ]
         domain = (ALL_PROTOS, ALL_ADDRS[fam], ALL_PORTS, ALL_PORTS, ALL_ADDRS[fam])
         limit = max(FLAT_LIMIT_MIN, FLAT_LIMIT_PER_ELEMENT * len(ranked))
-        boxes = flatten(ranked, domain, FLAT_ORDERS, limit)
+        # First-match pieces: exact and far fewer than the canonical diagram's boxes
+        # (docs/dataplane.md, "v6"); the diagram only if they would exceed the limit.
+        boxes = first_match_region(ranked, limit)
+        if boxes is None:
+            boxes = flatten(ranked, domain, FLAT_ORDERS, limit)
         nfproto = _NFPROTO[fam]
         lookup = self._lookups[(direction, fam)]
         if boxes is not None:
