@@ -14,6 +14,7 @@ depend on this module's internals and the fake backend takes the same input.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import json
@@ -36,6 +37,10 @@ NETNS_DIR = "/run/netns"
 # §"Memory after large loads"); trim after batches at least this long (a
 # one-element update is not worth it).
 _TRIM_AFTER_COMMANDS = 1000
+
+# The pids of the last nft children (bounded: only recent ones can still have
+# commit events waiting to be read).
+_SPAWNED: collections.deque[int] = collections.deque(maxlen=256)
 
 _T = TypeVar("_T")
 # One NFT_MSG_GETGEN socket per namespace worker thread.
@@ -161,8 +166,23 @@ def _run_nft(args: list[str], text: str | None = None) -> tuple[int, str, str]:
     program = nft_program()
     if program is None:
         raise FileNotFoundError("nft")
-    proc = subprocess.run([program, *args], input=text, capture_output=True, text=True, check=False)
-    return proc.returncode, proc.stdout, proc.stderr
+    with subprocess.Popen(
+        [program, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        # Known before it can commit: its commits are ours (agent/events.py).
+        _SPAWNED.append(proc.pid)
+        out, err = proc.communicate(text)
+    return proc.returncode, out, err
+
+
+def spawned_by_us(pid: int) -> bool:
+    """Was `pid` one of the last nft children of this process (its commits are the
+    agent's own, though the child is gone by the time the event is read)?"""
+    return pid in _SPAWNED
 
 
 class _NamespaceWorker:

@@ -392,3 +392,29 @@ def test_streamed_listing_equals_the_whole_listing(
     assert whole is not None
     assert list(items) == whole["nftables"]
     assert any("elem" in i.get("set", {}) for i in whole["nftables"])
+
+
+def test_commits_of_the_nft_children_are_the_agents_own(
+    namespaces: list[str], backend: NftBackend
+) -> None:
+    """A full load committed by an nft child of the backend is not reported as another
+    process's commit (it would trigger a drift check after every full load); one by
+    an operator's nft is."""
+    from nftsg.agent.events import TableEvents
+
+    ns = namespaces[0]
+    events = TableEvents()
+    try:
+        events.watch([ns])
+        deadline = time.monotonic() + 10
+        while ns not in events.watching() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the subscription is opened by the events thread
+        backend.apply_text(ns, f"add table {FAMILY} {TABLE}\n", 1)
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "add table ip other"], check=True)
+        while events.seen == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert events.seen == 1
+        assert events.own >= 1
+        assert events.changed() == {ns}
+    finally:
+        events.close()
