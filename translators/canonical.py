@@ -207,13 +207,17 @@ Digests = dict[tuple[str, str], bytes]
 
 
 def _serial(value: Any, out: list[str]) -> None:
-    """Text that is equal for equal canonical contents: set members in sorted order."""
+    """Text that is equal for equal canonical contents: set members in sorted order.
+    Members are tuples of strings and numbers (their repr is canonical) or sets."""
     if isinstance(value, frozenset):
         parts = []
         for item in value:
-            sub: list[str] = []
-            _serial(item, sub)
-            parts.append("".join(sub))
+            if isinstance(item, frozenset):
+                sub: list[str] = []
+                _serial(item, sub)
+                parts.append("".join(sub))
+            else:
+                parts.append(repr(item))
         parts.sort()
         out.append("{" + ",".join(parts) + "}")
     elif isinstance(value, tuple):
@@ -226,10 +230,22 @@ def _serial(value: Any, out: list[str]) -> None:
         out.append(repr(value))
 
 
+def _opaque_member(item: Any) -> bool:
+    # Where a listing puts an Opaque inside a set: the element itself, or the key
+    # of a map pair (`listing_objects`).
+    return isinstance(item, Opaque) or (
+        type(item) is tuple and bool(item) and isinstance(item[0], Opaque)
+    )
+
+
 def _has_opaque(value: Any) -> bool:
     if isinstance(value, Opaque):
         return True
-    if isinstance(value, tuple | frozenset):
+    if isinstance(value, frozenset):
+        return any(
+            _opaque_member(v) or (isinstance(v, frozenset) and _has_opaque(v)) for v in value
+        )
+    if isinstance(value, tuple):
         return any(_has_opaque(v) for v in value)
     return False
 
