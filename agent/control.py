@@ -172,7 +172,7 @@ class ControlPlane:
         if snapshot is None:
             self.model = None
             return
-        model = replay(snapshot, self.quotas)
+        model = replay(snapshot, self.quotas, consume=True)  # the document is not kept
         self.model, self.revision, self.digest = model, snapshot.head, snapshot.head_digest
         self.journal_length = len(snapshot.journal)
         log.info(

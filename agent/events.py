@@ -51,6 +51,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from . import netns
+from .nft_backend import spawned_by_us
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,9 @@ class TableEvents(Subscriptions):
 
     def _received(self, name: str, data: bytes) -> None:
         for commit in parse_commits(data):
-            if commit.pid is not None and is_own_thread(commit.pid, self.own_pid):
+            if commit.pid is not None and (
+                is_own_thread(commit.pid, self.own_pid) or spawned_by_us(commit.pid)
+            ):
                 self.own += 1
                 continue
             self.seen += 1

@@ -14,15 +14,18 @@ depend on this module's internals and the fake backend takes the same input.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import json
 import logging
 import os
 import queue
+import shutil
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
@@ -34,6 +37,10 @@ NETNS_DIR = "/run/netns"
 # §"Memory after large loads"); trim after batches at least this long (a
 # one-element update is not worth it).
 _TRIM_AFTER_COMMANDS = 1000
+
+# The pids of the last nft children (bounded: only recent ones can still have
+# commit events waiting to be read).
+_SPAWNED: collections.deque[int] = collections.deque(maxlen=256)
 
 _T = TypeVar("_T")
 # One NFT_MSG_GETGEN socket per namespace worker thread.
@@ -142,6 +149,40 @@ def _malloc_trim() -> None:
         ctypes.CDLL(libc_name).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         return
+
+
+def nft_program() -> str | None:
+    """The nft command line tool (the same libnftables), or None: then everything
+    runs in this process's libnftables."""
+    return shutil.which("nft") or next(
+        (p for p in ("/usr/sbin/nft", "/sbin/nft") if os.access(p, os.X_OK)), None
+    )
+
+
+def _run_nft(args: list[str], text: str | None = None) -> tuple[int, str, str]:
+    """Run nft in a child process. Called from a namespace worker thread: a child
+    inherits the namespaces of the thread that spawns it, so nft works in the
+    worker's namespace without entering it itself."""
+    program = nft_program()
+    if program is None:
+        raise FileNotFoundError("nft")
+    with subprocess.Popen(
+        [program, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        # Known before it can commit: its commits are ours (agent/events.py).
+        _SPAWNED.append(proc.pid)
+        out, err = proc.communicate(text)
+    return proc.returncode, out, err
+
+
+def spawned_by_us(pid: int) -> bool:
+    """Was `pid` one of the last nft children of this process (its commits are the
+    agent's own, though the child is gone by the time the event is read)?"""
+    return pid in _SPAWNED
 
 
 class _NamespaceWorker:
@@ -335,10 +376,21 @@ class NftBackend:
         changed. `commands` is how many it holds (for the trim and for errors)."""
         worker = self._worker(namespace)
 
+        # A full load goes to the `nft` program when there is one, not to this
+        # process's libnftables: parsing it holds ~2.7 KB per set element there
+        # (450 MB for the benchmark's 165k elements, docs/design.md "Memory"), which
+        # would stay in the agent's peak RSS; the child gives it back as it exits.
+        external = nft_program() is not None
+
         def job(ctx: Any) -> Any:
+            started = time.perf_counter()
+            if external:
+                # The same batch as one transaction, by `nft -f -` (see above).
+                rc, output, error = _run_nft(["-f", "-"], text)
+                self.last_timing[namespace] = time.perf_counter() - started
+                return rc, output, error
             old = ctx.set_json_output(False)
             try:
-                started = time.perf_counter()
                 rc, output, error = ctx.cmd(text)
                 self.last_timing[namespace] = time.perf_counter() - started
             finally:
@@ -364,23 +416,66 @@ class NftBackend:
         self._run(namespace, commands, dry_run=True, what="check")
 
     def list_table(self, namespace: str, family: str, table: str) -> dict[str, Any] | None:
+        items = self.table_items(namespace, family, table)
+        return None if items is None else {"nftables": list(items)}
+
+    def table_items(
+        self, namespace: str, family: str, table: str
+    ) -> Iterator[dict[str, Any]] | None:
+        """The items of the table's JSON listing (``list_table(...)["nftables"]``, in
+        the same order, equal item by item), None if the table is absent. Read so that
+        neither this process nor libnftables holds the whole table: the table without
+        elements (`nft -j -t list table`, in a child process: libnftables fetches every
+        element even to list the rules), then each set and map with its elements, one
+        libnftables call each (that fetches this set's elements only), yielded as read.
+        Not one snapshot: compare `generation` before and after."""
+        if nft_program() is None:
+            listing = self._list_whole(namespace, family, table)
+            return None if listing is None else iter(listing.get("nftables", []))
+        rc, out, err = self._worker(namespace).call(
+            lambda _ctx: _run_nft(["-j", "-t", "list", "table", family, table])
+        )
+        if rc != 0:
+            if not self._has_table(namespace, family, table):
+                return None
+            log.debug("nft listing failed in %s: rc=%s %s", namespace, rc, _brief(err))
+            raise NftError("nft listing failed", rc=rc, stderr=err, batch=[], namespace=namespace)
+        skeleton = json.loads(out).get("nftables", []) if out.strip() else []
+        return self._with_elements(namespace, family, table, skeleton)
+
+    def _with_elements(
+        self, namespace: str, family: str, table: str, skeleton: list[Any]
+    ) -> Iterator[dict[str, Any]]:
+        for n, item in enumerate(skeleton):
+            skeleton[n] = None  # once yielded, the item is the caller's to keep or drop
+            kind = next(iter(item), None) if isinstance(item, dict) else None
+            if kind in ("set", "map") and isinstance(item[kind], dict):
+                ref = {"family": family, "table": table, "name": item[kind].get("name")}
+                listed = self._run(
+                    namespace, [{"list": {kind: ref}}], dry_run=False, what="listing"
+                )
+                found = [i for i in (listed or {}).get("nftables", []) if kind in i]
+                item = found[0] if len(found) == 1 else item
+            yield item
+
+    def _has_table(self, namespace: str, family: str, table: str) -> bool:
+        # The error text for a missing table is not a stable interface; ask which
+        # tables exist instead of parsing it.
+        tables = self._run(
+            namespace, [{"list": {"tables": {"family": family}}}], dry_run=False, what="listing"
+        )
+        return table in {
+            item["table"]["name"] for item in (tables or {}).get("nftables", []) if "table" in item
+        }
+
+    def _list_whole(self, namespace: str, family: str, table: str) -> dict[str, Any] | None:
         cmd = [{"list": table_ref(family, table)}]
         try:
             output = self._run(namespace, cmd, dry_run=False, what="listing")
         except NamespaceNotFound:
             raise
         except NftError:
-            # The error text for a missing table is not a stable interface;
-            # ask which tables exist instead of parsing it.
-            tables = self._run(
-                namespace, [{"list": {"tables": {"family": family}}}], dry_run=False, what="listing"
-            )
-            names = {
-                item["table"]["name"]
-                for item in (tables or {}).get("nftables", [])
-                if "table" in item
-            }
-            if table not in names:
+            if not self._has_table(namespace, family, table):
                 return None
             raise
         return output if isinstance(output, dict) else None

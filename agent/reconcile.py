@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nftsg.translators.canonical import (
-    Canonical,
-    canonical_listing,
-    canonical_program,
-    describe_differences,
+    Digests,
+    differences_streaming,
+    listing_objects,
+    program_digests,
 )
 from nftsg.translators.compiler import (
     DEFAULT_CT_MARK_BIT,
@@ -135,9 +135,10 @@ class Reconciler:
         self.namespace_exists = namespace_exists
         self.compile_program: Compile = compile_program or self._compile
         self.applied: dict[str, Program] = {}
-        # The canonical form of the program last applied to each namespace,
-        # computed once per program (verify runs every few seconds).
-        self._canonical: dict[str, tuple[Program, Canonical]] = {}
+        # One digest per object of the program last applied to each namespace,
+        # computed once per program (verify runs every few seconds); not the whole
+        # canonical form, which at scale is far bigger than the program itself.
+        self._digests: dict[str, tuple[Program, Digests]] = {}
         # What the last verify found different, per drifted namespace (for logs and tests).
         self.last_differences: dict[str, list[str]] = {}
 
@@ -307,11 +308,11 @@ class Reconciler:
 
     # -- verification ------------------------------------------------------------
 
-    def canonical_applied(self, namespace: str, program: Program) -> Canonical:
-        cached = self._canonical.get(namespace)
+    def digests_applied(self, namespace: str, program: Program) -> Digests:
+        cached = self._digests.get(namespace)
         if cached is None or cached[0] is not program:
-            cached = (program, canonical_program(program))
-            self._canonical[namespace] = cached
+            cached = (program, program_digests(program))
+            self._digests[namespace] = cached
         return cached[1]
 
     def listing(self, namespace: str) -> dict[str, Any] | None:
@@ -325,18 +326,47 @@ class Reconciler:
         listing = lister(namespace, "inet", self.table)
         return listing if isinstance(listing, dict) else None
 
+    def _items(self, namespace: str) -> Iterable[Any] | None:
+        """The kernel table's listing items, streamed when the backend can."""
+        stream = getattr(self.backend, "table_items", None)
+        if stream is not None:
+            items: Iterable[Any] | None = stream(namespace, "inet", self.table)
+            return items
+        listing = self.listing(namespace)
+        return None if listing is None else listing.get("nftables", [])
+
     def differences(
         self, namespace: str, program: Program, listing: dict[str, Any] | None = None
     ) -> list[str]:
         """What the kernel's table in `namespace` has that `program` has not, or lacks
-        (content: hooks, policies, rules, elements). Empty when they are equal."""
-        if listing is None:
-            listing = self.listing(namespace)
-        if listing is None:
-            return [f"table inet {self.table} is missing"]
-        return describe_differences(
-            self.canonical_applied(namespace, program), canonical_listing(listing)
-        )
+        (content: hooks, policies, rules, elements). Empty when they are equal.
+
+        The kernel is read set by set and compared by digest as it is read; the read
+        is not one snapshot, so it is repeated when the table's generation moved
+        meanwhile (another commit could mix two states into a false verdict)."""
+        digests = self.digests_applied(namespace, program)
+        if listing is not None:
+            return differences_streaming(program, digests, listing_objects(listing["nftables"]))
+        found: list[str] = []
+        for _attempt in range(3):
+            before = self._generation(namespace)
+            items = self._items(namespace)
+            if items is None:
+                return [f"table inet {self.table} is missing"]
+            found = differences_streaming(program, digests, listing_objects(items))
+            if before is None or before == self._generation(namespace):
+                break
+        return found
+
+    def _generation(self, namespace: str) -> int | None:
+        probe = getattr(self.backend, "generation", None)
+        if probe is None:
+            return None
+        try:
+            value = probe(namespace)
+        except Exception:
+            return None
+        return value if isinstance(value, int) else None
 
     def verify(self, namespaces: list[str] | None = None) -> list[str]:
         """Namespaces whose kernel table does not hold, by content, what we applied;

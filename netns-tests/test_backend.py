@@ -350,3 +350,71 @@ def test_large_load_and_small_change_timings(namespaces: list[str], backend: Nft
     )
     assert nft_text(ns).count("accept") >= 40000
     assert one < 0.5 and chain < 2.0
+
+
+def test_text_load_runs_in_the_namespace_and_fails_whole(
+    namespaces: list[str], backend: NftBackend
+) -> None:
+    """A full load as nft text (by the `nft` program, a child of the namespace's
+    worker) lands in that namespace only, and a batch the kernel rejects changes
+    nothing there."""
+    ns, other = namespaces[0], namespaces[1]
+    good = (
+        f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+        f"table {FAMILY} {TABLE} {{\n set s {{ type ipv4_addr; flags interval; "
+        "elements = { 10.0.0.0/8, 192.0.2.1 } }\n"
+        " chain forward {\n  type filter hook forward priority 0; policy drop;\n"
+        "  ip saddr @s accept\n }\n}\n"
+    )
+    backend.apply_text(ns, good, 4)
+    loaded = nft_text(ns)
+    assert "ip saddr @s accept" in loaded and "10.0.0.0/8" in loaded
+    assert "nftsg" not in nft_text(other)
+    bad = good.replace("192.0.2.1", "192.0.2.1, 10.1.0.0/16")  # overlaps 10.0.0.0/8
+    with pytest.raises(NftError) as info:
+        backend.apply_text(ns, bad, 4)
+    assert info.value.rc != 0 and info.value.stderr
+    assert info.value.namespace == ns
+    assert nft_text(ns) == loaded
+
+
+def test_streamed_listing_equals_the_whole_listing(
+    namespaces: list[str], backend: NftBackend
+) -> None:
+    """`table_items` (the table without elements, then set by set) yields what one
+    whole-table listing holds, in its order; None for an absent table."""
+    ns = namespaces[0]
+    assert backend.table_items(ns, FAMILY, TABLE) is None
+    backend.apply(ns, program([prefix("10.0.1.0/24"), "192.0.2.7"], [22, 80, 443]))
+    items = backend.table_items(ns, FAMILY, TABLE)
+    assert items is not None
+    whole = backend._list_whole(ns, FAMILY, TABLE)
+    assert whole is not None
+    assert list(items) == whole["nftables"]
+    assert any("elem" in i.get("set", {}) for i in whole["nftables"])
+
+
+def test_commits_of_the_nft_children_are_the_agents_own(
+    namespaces: list[str], backend: NftBackend
+) -> None:
+    """A full load committed by an nft child of the backend is not reported as another
+    process's commit (it would trigger a drift check after every full load); one by
+    an operator's nft is."""
+    from nftsg.agent.events import TableEvents
+
+    ns = namespaces[0]
+    events = TableEvents()
+    try:
+        events.watch([ns])
+        deadline = time.monotonic() + 10
+        while ns not in events.watching() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the subscription is opened by the events thread
+        backend.apply_text(ns, f"add table {FAMILY} {TABLE}\n", 1)
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "add table ip other"], check=True)
+        while events.seen == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert events.seen == 1
+        assert events.own >= 1
+        assert events.changed() == {ns}
+    finally:
+        events.close()

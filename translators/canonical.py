@@ -18,12 +18,13 @@ program: it shows as a difference, it never makes two forms equal.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .nft import Key, Program, Writer
+from .nft import Key, NftChain, NftMap, Program, Writer
 from .tracer import TraceError, _element
 
 # A set's `counter` statement, compared as if it were a flag.
@@ -107,41 +108,61 @@ def _verdict(raw: Any) -> str:
     return json.dumps(_strip(raw), sort_keys=True)
 
 
-def canonical_program(program: Program) -> Canonical:
-    out: Canonical = {}
+def program_object(program: Program, key: tuple[str, str]) -> Any:
+    """The canonical content of one object of the program (None if it has none)."""
+    kind, name = key
     w = Writer(program.family, program.table)
-    for chain in program.chains:
-        base = None
-        if chain.base is not None:
-            b = chain.base
-            base = (b.type, b.hook, b.priority, b.policy)
-        rules = tuple(_rule(w.add_rule(chain.name, r)["add"]["rule"]) for r in chain.rules)
-        out[("chain", chain.name)] = (base, rules)
-    for s in program.sets:
-        elements = frozenset(_program_key(k) for k in s.elements)
+    if kind == "chain" and name in program.chain_by_name:
+        return _program_chain(w, program.chain_by_name[name])
+    if kind == "set" and name in program.set_by_name:
+        s = program.set_by_name[name]
         flags = frozenset(s.flags) | ({_COUNTER_FLAG} if s.counter else set())
-        out[("set", s.name)] = (s.type, flags, elements)
-    for m in program.maps:
-        rendered = w.map_elements(m.type, m.elements)
-        pairs = zip(m.elements, rendered, strict=True)
-        items = frozenset((_program_key(k), _verdict(v[1])) for (k, _), v in pairs)
-        out[("map", m.name)] = (m.type, items)
-    return out
+        return (s.type, flags, frozenset(_program_key(k) for k in s.elements))
+    if kind == "map" and name in program.map_by_name:
+        return _program_map(w, program.map_by_name[name])
+    return None
 
 
-def canonical_listing(listing: Mapping[str, Any]) -> Canonical:
-    out: Canonical = {}
+def _program_chain(w: Writer, chain: NftChain) -> Any:
+    base = None
+    if chain.base is not None:
+        b = chain.base
+        base = (b.type, b.hook, b.priority, b.policy)
+    rules = tuple(_rule(w.add_rule(chain.name, r)["add"]["rule"]) for r in chain.rules)
+    return (base, rules)
+
+
+def _program_map(w: Writer, m: NftMap) -> Any:
+    rendered = w.map_elements(m.type, m.elements)
+    pairs = zip(m.elements, rendered, strict=True)
+    items = frozenset((_program_key(k), _verdict(v[1])) for (k, _), v in pairs)
+    return (m.type, items)
+
+
+def program_keys(program: Program) -> Iterator[tuple[str, str]]:
+    yield from (("chain", c.name) for c in program.chains)
+    yield from (("set", s.name) for s in program.sets)
+    yield from (("map", m.name) for m in program.maps)
+
+
+def canonical_program(program: Program) -> Canonical:
+    return {key: program_object(program, key) for key in program_keys(program)}
+
+
+def listing_objects(items: Iterable[Any]) -> Iterator[tuple[tuple[str, str], Any]]:
+    """The canonical objects of a listing's items (``listing["nftables"]``), one at a
+    time: a set or map as soon as its item is read, the chains (small: rules only) at
+    the end. So a caller can compare a big table object by object without holding it."""
     chains: dict[str, tuple[Any, list[tuple[str, tuple[str, ...]]]]] = {}
-    items = listing.get("nftables", [])
-    for n, item in enumerate(items if isinstance(items, list) else []):
+    for n, item in enumerate(items):
         if not isinstance(item, dict) or len(item) != 1:
-            out[("other", str(n))] = Opaque(repr(item))
+            yield ("other", str(n)), Opaque(repr(item))
             continue
         kind, body = next(iter(item.items()))
         if kind in ("metainfo", "table"):
             continue
         if not isinstance(body, dict):
-            out[("other", str(n))] = Opaque(repr(item))
+            yield ("other", str(n)), Opaque(repr(item))
             continue
         if kind == "chain":
             base = None
@@ -165,7 +186,7 @@ def canonical_listing(listing: Mapping[str, Any]) -> Canonical:
                 flags |= {_COUNTER_FLAG}
             elif stmt is not None:
                 flags |= {Opaque(f"set statements {stmt!r}").text}
-            out[("set", str(body.get("name")))] = (types, flags, elements)
+            yield ("set", str(body.get("name"))), (types, flags, elements)
         elif kind == "map" or (kind == "set" and "map" in body):
             types = _types(body.get("type"))
             pairs = []
@@ -176,12 +197,127 @@ def canonical_listing(listing: Mapping[str, Any]) -> Canonical:
                     pairs.append((Opaque(repr(e)), ""))
             if body.get("map") != "verdict" or _flags(body.get("flags")):
                 types = (*types, Opaque(f"map {body.get('map')} {body.get('flags')}").text)
-            out[("map", str(body.get("name")))] = (types, frozenset(pairs))
+            yield ("map", str(body.get("name"))), (types, frozenset(pairs))
         else:
-            out[(kind, str(body.get("name", n)))] = Opaque(repr(item))
+            yield (kind, str(body.get("name", n))), Opaque(repr(item))
     for name, (base, rules) in chains.items():
-        out[("chain", name)] = (base, tuple(rules))
+        yield ("chain", name), (base, tuple(rules))
+
+
+def canonical_listing(listing: Mapping[str, Any]) -> Canonical:
+    items = listing.get("nftables", [])
+    return dict(listing_objects(items if isinstance(items, list) else []))
+
+
+# -- comparing by digest ---------------------------------------------------------------
+# The drift check keeps, per applied program, one digest per object instead of its
+# canonical form (at 165k elements that form is hundreds of MB of tuples), and
+# compares the kernel's listing object by object as it is read (docs/design.md,
+# "Memory").
+
+Digests = dict[tuple[str, str], bytes]
+
+
+def _serial(value: Any, out: list[str]) -> None:
+    """Text that is equal for equal canonical contents: set members in sorted order.
+    Members are tuples of strings and numbers (their repr is canonical) or sets."""
+    if isinstance(value, frozenset):
+        parts = []
+        for item in value:
+            if isinstance(item, frozenset):
+                sub: list[str] = []
+                _serial(item, sub)
+                parts.append("".join(sub))
+            else:
+                parts.append(repr(item))
+        parts.sort()
+        out.append("{" + ",".join(parts) + "}")
+    elif isinstance(value, tuple):
+        out.append("(")
+        for item in value:
+            _serial(item, out)
+            out.append(",")
+        out.append(")")
+    else:
+        out.append(repr(value))
+
+
+def _opaque_member(item: Any) -> bool:
+    # Where a listing puts an Opaque inside a set: the element itself, or the key
+    # of a map pair (`listing_objects`).
+    return isinstance(item, Opaque) or (
+        type(item) is tuple and bool(item) and isinstance(item[0], Opaque)
+    )
+
+
+def _has_opaque(value: Any) -> bool:
+    if isinstance(value, Opaque):
+        return True
+    if isinstance(value, frozenset):
+        return any(
+            _opaque_member(v) or (isinstance(v, frozenset) and _has_opaque(v)) for v in value
+        )
+    if isinstance(value, tuple):
+        return any(_has_opaque(v) for v in value)
+    return False
+
+
+def digest(content: Any) -> bytes | None:
+    """A digest of one object's canonical content; None when it holds something
+    unreadable (an `Opaque`: never equal to anything)."""
+    if content is None or _has_opaque(content):
+        return None
+    out: list[str] = []
+    _serial(content, out)
+    return hashlib.blake2b("".join(out).encode(), digest_size=16).digest()
+
+
+def program_digests(program: Program) -> Digests:
+    """One digest per object of the program (what the drift check keeps)."""
+    out: Digests = {}
+    for key in program_keys(program):
+        d = digest(program_object(program, key))
+        if d is not None:
+            out[key] = d
     return out
+
+
+def differences_streaming(
+    program: Program,
+    digests: Digests,
+    listed: Iterable[tuple[tuple[str, str], Any]],
+    limit: int = 50,
+) -> list[str]:
+    """`describe_differences(canonical_program(program), canonical_listing(...))`
+    computed from the program's digests and the listing's objects one at a time: an
+    object whose digest differs is compared in full (only then is its program form
+    built), so neither whole canonical form is ever held."""
+    keys = frozenset(program_keys(program))
+    found: dict[tuple[str, str], str] = {}
+    seen: set[tuple[str, str]] = set()
+    for key, content in listed:
+        seen.add(key)
+        kind, name = key
+        if key not in keys:
+            found[key] = f"unexpected {kind} {name}"
+            continue
+        want_digest = digests.get(key)
+        if want_digest is not None and digest(content) == want_digest:
+            continue
+        want = program_object(program, key)
+        if want != content:
+            found[key] = _differs(kind, name, want, content)
+        else:
+            found.pop(key, None)
+    for key in keys - seen:
+        found[key] = f"{key[0]} {key[1]} is missing"
+    lines: list[str] = []
+    for key in sorted(found, key=str):
+        lines.append(found[key])
+        if len(lines) >= limit:
+            lines.append("...")
+            break
+    return lines
 
 
 def _element_count(elements: Iterable[Any]) -> int:
