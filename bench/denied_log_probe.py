@@ -12,10 +12,8 @@ Run as root: `.venv/bin/python bench/denied_log_probe.py [--enis 200] [--rules 2
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,25 +21,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import model as bench_model  # noqa: E402
+from nft_load import load_seconds  # noqa: E402
 from nftsg.translators.compiler import DeniedLog, compile_vpc  # noqa: E402
 from nftsg.translators.network import Network  # noqa: E402
 from nftsg.translators.nft import Program  # noqa: E402
-from nftsg.translators.nft_text import full_sync_text  # noqa: E402
 from test_compiler import network_of, scale_topology  # noqa: E402
 
 
 def _load(prog: Program) -> float:
-    ns = f"logprobe-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        text, _ = full_sync_text(prog)
-        t0 = time.perf_counter()
-        subprocess.run(
-            ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=text, text=True, check=True
-        )
-        return time.perf_counter() - t0
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=True)
+    return load_seconds(prog, "logprobe")
 
 
 def _row(name: str, net: Network, vpc: str, load: bool) -> None:
