@@ -490,15 +490,10 @@ class _Compiler:
         boxes = first_match_region(ranked, limit)
         if boxes is None:
             boxes = flatten(ranked, domain, FLAT_ORDERS, limit)
+        if boxes is not None:
+            return self.flat_side(pid, direction, fam, want, tuple(boxes))
         nfproto = _NFPROTO[fam]
         lookup = self._lookups[(direction, fam)]
-        if boxes is not None:
-            name = flat_set_name(pid, direction, fam)
-            rule = NftRule(
-                (nfproto, Match(lookup, SetRef(name)), _VERDICT_OF[want]),
-                safe_comment(f"{want} {fam} flat"),
-            )
-            return [NftSet(name, RULE_SET_TYPE[fam], tuple(boxes), INTERVAL)], [rule]
         sets: list[NftSet] = []
         rules: list[NftRule] = []
         for bkey in sorted(pooled, key=_bucket_order):
@@ -513,6 +508,18 @@ class _Compiler:
                     )
                 )
         return sets, rules
+
+    def flat_side(
+        self, pid: str, direction: str, fam: str, want: str, boxes: tuple[Key, ...]
+    ) -> tuple[list[NftSet], list[NftRule]]:
+        """The flat set of a side (its disjoint `boxes`) and its one lookup rule."""
+        name = flat_set_name(pid, direction, fam)
+        lookup = self._lookups[(direction, fam)]
+        rule = NftRule(
+            (_NFPROTO[fam], Match(lookup, SetRef(name)), _VERDICT_OF[want]),
+            safe_comment(f"{want} {fam} flat"),
+        )
+        return [NftSet(name, RULE_SET_TYPE[fam], boxes, INTERVAL)], [rule]
 
     def counted_side(
         self, pid: str, groups: Sequence[SecurityGroup], direction: str, fam: str, want: str

@@ -58,6 +58,8 @@ def diff_programs(old: Program | None, new: Program) -> list[Command]:
 
     for chain in new.chains:
         was = old.chain_by_name.get(chain.name)
+        if was is chain:  # carried over by the incremental compile: nothing to compare
+            continue
         if was is None or was.rules != chain.rules:
             if was is not None and was.rules:
                 flushes.append(w.flush_chain(chain.name))
@@ -70,7 +72,7 @@ def diff_programs(old: Program | None, new: Program) -> list[Command]:
 
     for s in new.sets:
         was_set = old.set_by_name.get(s.name)
-        if was_set is not None and was_set.elements != s.elements:
+        if was_set is not s and was_set is not None and was_set.elements != s.elements:
             gone, added = _delta(was_set.elements, s.elements)
             if gone:
                 element_deletes.append(w.delete_elements(s.name, w.set_elements(s.type, gone)))
@@ -78,7 +80,7 @@ def diff_programs(old: Program | None, new: Program) -> list[Command]:
                 element_adds.append(w.add_elements(s.name, w.set_elements(s.type, added)))
     for m in new.maps:
         was_map = old.map_by_name.get(m.name)
-        if was_map is not None and was_map.elements != m.elements:
+        if was_map is not m and was_map is not None and was_map.elements != m.elements:
             gone_items, added_items = _delta(was_map.elements, m.elements)
             # A key whose verdict changed is deleted and re-added: maps cannot
             # update an element's data in place.
@@ -121,12 +123,16 @@ def _patchable(old: Program, new: Program) -> bool:
         return False
     for s in new.sets:
         was: NftSet | None = old.set_by_name.get(s.name)
+        if was is s:
+            continue
         if was is not None and was.definition() != s.definition():
             return False
         if s.name in old.map_by_name:
             return False
     for m in new.maps:
         was_map: NftMap | None = old.map_by_name.get(m.name)
+        if was_map is m:
+            continue
         if was_map is not None and was_map.definition() != m.definition():
             return False
         if m.name in old.set_by_name:

@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .compiler import (
+    _POLICY_RANK,
     DEFAULT_CT_MARK_BIT,
     DEFAULT_LAYOUT,
+    FLAT_LIMIT_MIN,
+    FLAT_LIMIT_PER_ELEMENT,
     BucketKey,
     DeniedLog,
     Layout,
@@ -34,9 +37,21 @@ from .compiler import (
     RuleKey,
     _Compiler,
     check_ct_mark_bit,
+    flat_set_name,
 )
+from .flatten import Box
 from .network import GroupPeer, Network, PrefixListPeer, SecurityGroup
-from .nft import NftChain, NftSet, Program, cyclic_gc_paused
+from .nft import NftChain, NftRule, NftSet, Program, cyclic_gc_paused
+from .regional import (
+    MAX_REGION_BOXES,
+    BoxBins,
+    KeptPieces,
+    RuleItem,
+    clipped_rules,
+    overlapping_rules,
+    region_of_change,
+    rule_bins,
+)
 
 _GroupKeys = dict[str, dict[BucketKey, frozenset[RuleKey]]]
 _GroupParts = dict[str, dict[BucketKey, Parts]]
@@ -50,6 +65,21 @@ class _GroupEntry:
     keys: _GroupKeys
     parts: _GroupParts | None = None
     sets: list[NftSet] | None = None
+    # (direction, family) -> its rules binned, for region-restricted updates
+    bins: dict[tuple[str, str], BoxBins[RuleItem]] = field(default_factory=dict)
+
+
+@dataclass
+class _Side:
+    """One flat profile side as last compiled: what it was compiled from (per group of
+    the profile, its buckets of that direction), its pieces kept for the next change
+    (None: per-bucket fallback, always recompiled cold), and what it produced."""
+
+    want: str
+    deps: tuple[dict[BucketKey, frozenset[RuleKey]], ...]
+    pieces: KeptPieces | None
+    sets: list[NftSet]
+    rules: list[NftRule]
 
 
 @dataclass
@@ -66,8 +96,10 @@ class CompileCache:
     profiles: dict[tuple[str, str], tuple[tuple[object, ...], NftChain, list[NftSet]]] = field(
         default_factory=dict
     )
+    sides: dict[tuple[str, str, str], _Side] = field(default_factory=dict)
     reused: int = 0  # groups, chains and profiles taken from the cache in the last compile
     built: int = 0  # ... and compiled anew
+    patched: int = 0  # flat sides updated inside the changed region only (no cold compile)
 
 
 def _group_refs(group: SecurityGroup) -> tuple[tuple[bool, str], ...]:
@@ -158,7 +190,89 @@ class _CachedCompiler(_Compiler):
         self._profiles[(pid, direction)] = (deps, chain, sets)
         return chain, sets
 
+    def profile_side(
+        self, pid: str, groups: Sequence[SecurityGroup], direction: str, fam: str, want: str
+    ) -> tuple[list[NftSet], list[NftRule]]:
+        key = (pid, direction, fam)
+        deps = tuple(self.group_keys(g)[direction] for g in groups)
+        old = self.cache.sides.get(key)
+        side = None
+        if not self.counters and old is not None and old.want == want and old.pieces is not None:
+            side = self._patched_side(old, deps, groups, direction, fam, want)
+        if side is None:
+            sets, rules = super().profile_side(pid, groups, direction, fam, want)
+            pieces = None
+            if (
+                not self.counters
+                and len(sets) == 1
+                and sets[0].name == flat_set_name(pid, direction, fam)
+            ):
+                elements: list[Any] = list(sets[0].elements)
+                pieces = KeptPieces(elements, len(elements))
+            side = _Side(want, deps, pieces, sets, rules)
+        self._sides[key] = side
+        return side.sets, side.rules
+
+    def _patched_side(
+        self,
+        old: _Side,
+        deps: tuple[dict[BucketKey, frozenset[RuleKey]], ...],
+        groups: Sequence[SecurityGroup],
+        direction: str,
+        fam: str,
+        want: str,
+    ) -> _Side | None:
+        """`old` brought to `deps` by recomputing inside the changed region only;
+        None when a cold compile of the side is the better (or the only) way."""
+        pieces = old.pieces
+        assert pieces is not None
+        if len(old.deps) != len(deps):
+            return None
+        region = region_of_change(old.deps, deps, family=fam)  # type: ignore[arg-type]
+        if not region:  # nothing of this family changed: the very same set
+            return _Side(want, deps, pieces, old.sets, old.rules)
+        if len(region) > MAX_REGION_BOXES:
+            return None
+        bins = [self._rule_bins(g, direction, fam) for g in groups]
+        changed = False
+        for q in region:
+            per_group = [self._overlapping(q, b) for b in bins]
+            changed |= pieces.recompute(q, clipped_rules(q, per_group, want))
+        if not changed:  # the rules changed, not the region: the very same set
+            return _Side(want, deps, pieces, old.sets, old.rules)
+        n_rules = sum(len(ks) for d in deps for b, ks in d.items() if b.family == fam)
+        limit = max(FLAT_LIMIT_MIN, FLAT_LIMIT_PER_ELEMENT * n_rules)
+        if pieces.refragmented() or len(pieces.elements) > limit:
+            return None
+        self.cache.patched += 1
+        flat = old.sets[0]
+        sets = [NftSet(flat.name, flat.type, tuple(pieces.elements), flat.flags)]
+        return _Side(want, deps, pieces, sets, old.rules)
+
+    def _overlapping(self, q: Box, bins: BoxBins[RuleItem]) -> list[RuleItem]:
+        # A group's rules overlapping q, once per compile: a member's address in a
+        # referenced group is the same q in every profile holding the referencing group.
+        memo = (id(bins), q)
+        got = self._overlaps.get(memo)
+        if got is None:
+            got = self._overlaps[memo] = overlapping_rules(q, bins)
+        return got
+
+    def _rule_bins(self, group: SecurityGroup, direction: str, fam: str) -> BoxBins[RuleItem]:
+        entry = self._entry(group)
+        got = entry.bins.get((direction, fam))
+        if got is None:
+            got = entry.bins[(direction, fam)] = rule_bins(
+                (k, (b.priority, _POLICY_RANK[b.policy]), b.policy)
+                for b, ks in entry.keys[direction].items()
+                if b.family == fam
+                for k in ks
+            )
+        return got
+
     def program(self) -> Program:
+        self._sides: dict[tuple[str, str, str], _Side] = {}
+        self._overlaps: dict[tuple[int, Box], list[RuleItem]] = {}
         self._chains: dict[tuple[str, str], tuple[tuple[object, ...], NftChain]] = {}
         self._profiles: dict[
             tuple[str, str], tuple[tuple[object, ...], NftChain, list[NftSet]]
@@ -168,6 +282,13 @@ class _CachedCompiler(_Compiler):
         self.cache.groups = self._fresh
         self.cache.chains = self._chains
         self.cache.profiles = self._profiles
+        # Sides of a profile taken whole from the cache were not visited: keep them.
+        for pid, direction in self._profiles:
+            for fam in ("ipv4", "ipv6"):
+                got = self.cache.sides.get((pid, direction, fam))
+                if got is not None:
+                    self._sides.setdefault((pid, direction, fam), got)
+        self.cache.sides = self._sides
         return program
 
 
@@ -195,8 +316,9 @@ def compile_vpc_cached(
         cache.groups.clear()
         cache.chains.clear()
         cache.profiles.clear()
+        cache.sides.clear()
         cache.key = key
-    cache.reused = cache.built = 0
+    cache.reused = cache.built = cache.patched = 0
     with cyclic_gc_paused():
         return _CachedCompiler(
             cache, network, vpc_id, table, ct_mark_bit, layout, counters, denied_log
