@@ -297,3 +297,42 @@ def test_incremental_compile_equals_the_full_compile(picks: list[int], layout: s
                     old = model.network.enis.get(eni.eni_id)
                     assert old is not None and old.group_ids == eni.group_ids
         model = new
+
+
+def test_a_call_leaves_no_cyclic_garbage_and_freezes_what_it_kept(tmp_path: Path) -> None:
+    # The control plane freezes the heap after each call (agent/control.py): that
+    # is only safe while a call leaves no garbage cycle behind (a frozen cycle is
+    # never collected). Each kind of change, through the whole path, is checked.
+    import gc
+
+    rig = Rig(tmp_path, small_topology())
+    assert rig.agent.step()
+    assert rig.control.model is not None
+    net = rig.control.model.network
+    gid = group_of(rig)
+    eni = next(
+        e for e in sorted(net.enis.values(), key=lambda e: e.eni_id) if gid not in e.group_ids
+    )
+    perm = {"IpProtocol": "TCP", "PortRange": "4242/4242", "SourceCidrIp": "10.9.0.0/16"}
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("AuthorizeSecurityGroup", {"SecurityGroupId": gid, "Permissions": [perm]}),
+        ("JoinSecurityGroup", {"SecurityGroupId": gid, "NetworkInterfaceId": eni.eni_id}),
+        ("LeaveSecurityGroup", {"SecurityGroupId": gid, "NetworkInterfaceId": eni.eni_id}),
+        ("ModifySecurityGroupPolicy", {"SecurityGroupId": gid, "InnerAccessPolicy": "Drop"}),
+        ("RevokeSecurityGroup", {"SecurityGroupId": gid, "Permissions": [perm]}),
+    ]
+    rig.control.call(*calls[0], "warm-up")  # first-use caches (renderers, imports)
+    was = gc.isenabled()
+    try:
+        for action, params in calls[1:]:
+            gc.unfreeze()  # the test runner's own garbage, frozen by the call before
+            gc.collect()
+            gc.disable()
+            rig.control.call(action, params, "r")
+            assert gc.get_freeze_count() > 0
+            gc.unfreeze()
+            assert gc.collect() == 0, action
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()
