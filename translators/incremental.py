@@ -52,6 +52,7 @@ from .regional import (
     region_of_change,
     rule_bins,
 )
+from .vpcwide import FlatProgramMemo, flat_program
 
 _GroupKeys = dict[str, dict[BucketKey, frozenset[RuleKey]]]
 _GroupParts = dict[str, dict[BucketKey, Parts]]
@@ -97,6 +98,7 @@ class CompileCache:
         default_factory=dict
     )
     sides: dict[tuple[str, str, str], _Side] = field(default_factory=dict)
+    flat: FlatProgramMemo = field(default_factory=FlatProgramMemo)
     reused: int = 0  # groups, chains and profiles taken from the cache in the last compile
     built: int = 0  # ... and compiled anew
     patched: int = 0  # flat sides updated inside the changed region only (no cold compile)
@@ -277,7 +279,10 @@ class _CachedCompiler(_Compiler):
         self._profiles: dict[
             tuple[str, str], tuple[tuple[object, ...], NftChain, list[NftSet]]
         ] = {}
-        program = super().program()
+        if self.layout == "flat":
+            program = flat_program(self, self.cache.flat, self.profile_chain)
+        else:
+            program = super().program()
         # Keep only what this model still has: the cache never outgrows the VPC.
         self.cache.groups = self._fresh
         self.cache.chains = self._chains
@@ -317,6 +322,7 @@ def compile_vpc_cached(
         cache.chains.clear()
         cache.profiles.clear()
         cache.sides.clear()
+        cache.flat = FlatProgramMemo()
         cache.key = key
     cache.reused = cache.built = cache.patched = 0
     with cyclic_gc_paused():
