@@ -131,6 +131,7 @@ class _CachedCompiler(_Compiler):
         super().__init__(*args, **kwargs)
         self.cache = cache
         self._fresh: dict[str, _GroupEntry] = {}
+        self._rebuilt: set[str] = set()  # groups whose entry this compile built anew
 
     def _entry(self, group: SecurityGroup) -> _GroupEntry:
         entry = self._fresh.get(group.group_id)
@@ -145,6 +146,7 @@ class _CachedCompiler(_Compiler):
         else:
             entry = _GroupEntry(group, refs, deps, super().group_keys(group))
             self.cache.built += 1
+            self._rebuilt.add(group.group_id)
         self._fresh[group.group_id] = entry
         return entry
 
@@ -181,8 +183,20 @@ class _CachedCompiler(_Compiler):
     def profile_chain(
         self, pid: str, groups: Sequence[SecurityGroup], direction: str
     ) -> tuple[NftChain, list[NftSet]]:
-        deps = tuple(self.group_keys(g)[direction] for g in groups) + tuple(groups)
         old = self.cache.profiles.get((pid, direction))
+        n = len(groups)
+        if (
+            old is not None
+            and len(old[0]) == 2 * n
+            and _same(old[0][n:], groups)
+            and self._rebuilt.isdisjoint(g.group_id for g in groups)
+        ):
+            # The same groups, none rebuilt (program() looked at every group first):
+            # the same keys, so the same chain, without building the deps again.
+            self.cache.reused += 1
+            self._profiles[(pid, direction)] = old
+            return old[1], old[2]
+        deps = tuple(self.group_keys(g)[direction] for g in groups) + tuple(groups)
         if old is not None and _same(old[0], deps):
             self.cache.reused += 1
             chain, sets = old[1], old[2]
@@ -280,6 +294,8 @@ class _CachedCompiler(_Compiler):
             tuple[str, str], tuple[tuple[object, ...], NftChain, list[NftSet]]
         ] = {}
         if self.layout == "flat":
+            for g in self.groups:  # every entry settled before the profiles look
+                self._entry(g)
             program = flat_program(self, self.cache.flat, self.profile_chain)
         else:
             program = super().program()
