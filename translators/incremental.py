@@ -40,7 +40,7 @@ from .compiler import (
     flat_set_name,
 )
 from .flatten import Box
-from .network import GroupPeer, Network, PrefixListPeer, SecurityGroup
+from .network import GroupPeer, Network, PrefixListPeer, Rule, SecurityGroup
 from .nft import NftChain, NftRule, NftSet, Program, cyclic_gc_paused
 from .regional import (
     MAX_REGION_BOXES,
@@ -99,6 +99,10 @@ class CompileCache:
     )
     sides: dict[tuple[str, str, str], _Side] = field(default_factory=dict)
     flat: FlatProgramMemo = field(default_factory=FlatProgramMemo)
+    # (id of a rule, family) -> (the rule, its peer's input, its elements)
+    rule_keys: dict[tuple[int, str], tuple[Rule, object, list[RuleKey]]] = field(
+        default_factory=dict
+    )
     reused: int = 0  # groups, chains and profiles taken from the cache in the last compile
     built: int = 0  # ... and compiled anew
     patched: int = 0  # flat sides updated inside the changed region only (no cold compile)
@@ -122,6 +126,39 @@ def _group_deps(net: Network, refs: tuple[tuple[bool, str], ...]) -> tuple[objec
     )
 
 
+def _keep_equal_buckets(old: _GroupKeys, new: _GroupKeys) -> _GroupKeys:
+    """`new`, with each bucket equal to the old one's being the old object: the sides
+    then find it unchanged by identity, once per group instead of once per side."""
+    out: _GroupKeys = {}
+    for direction, buckets in new.items():
+        was = old.get(direction, {})
+        out[direction] = {
+            b: (was[b] if b in was and was[b] == ks else ks) for b, ks in buckets.items()
+        }
+    return out
+
+
+def _carried_bins(old: _GroupEntry, keys: _GroupKeys) -> dict[tuple[str, str], BoxBins[RuleItem]]:
+    """The old entry's rule bins brought to `keys` by the buckets that changed (the
+    old entry is dropped with this compile, so its bins move over)."""
+    out: dict[tuple[str, str], BoxBins[RuleItem]] = {}
+    for (direction, fam), bins in old.bins.items():
+        was, now = old.keys.get(direction, {}), keys.get(direction, {})
+        for b in was.keys() | now.keys():
+            if b.family != fam:
+                continue
+            a, c = was.get(b, frozenset()), now.get(b, frozenset())
+            if a is c:
+                continue
+            rank = (b.priority, _POLICY_RANK[b.policy])
+            for k in a - c:
+                bins.remove(k, (k, rank, b.policy))
+            for k in c - a:
+                bins.add(k, (k, rank, b.policy))
+        out[(direction, fam)] = bins
+    return out
+
+
 def _same(a: Sequence[object], b: Sequence[object]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
@@ -132,6 +169,8 @@ class _CachedCompiler(_Compiler):
         self.cache = cache
         self._fresh: dict[str, _GroupEntry] = {}
         self._rebuilt: set[str] = set()  # groups whose entry this compile built anew
+        # Rule elements used by this compile (and the ones of reused groups, below).
+        self._rule_keys: dict[tuple[int, str], tuple[Rule, object, list[RuleKey]]] = {}
 
     def _entry(self, group: SecurityGroup) -> _GroupEntry:
         entry = self._fresh.get(group.group_id)
@@ -144,7 +183,12 @@ class _CachedCompiler(_Compiler):
             entry = old
             self.cache.reused += 1
         else:
-            entry = _GroupEntry(group, refs, deps, super().group_keys(group))
+            keys = super().group_keys(group)
+            if old is not None:
+                keys = _keep_equal_buckets(old.keys, keys)
+            entry = _GroupEntry(group, refs, deps, keys)
+            if old is not None:
+                entry.bins = _carried_bins(old, keys)
             self.cache.built += 1
             self._rebuilt.add(group.group_id)
         self._fresh[group.group_id] = entry
@@ -152,6 +196,22 @@ class _CachedCompiler(_Compiler):
 
     def group_keys(self, group: SecurityGroup) -> _GroupKeys:
         return self._entry(group).keys
+
+    def rule_keys(self, rule: Rule, fam: str) -> list[RuleKey]:
+        # A rebuilt group (a member joined a group it references, one rule added)
+        # keeps the elements of its other rules: same rule object, same peer input.
+        peer = rule.peer
+        dep: object = None
+        if isinstance(peer, GroupPeer):
+            dep = self.net._members.get(peer.group_id)
+        elif isinstance(peer, PrefixListPeer):
+            dep = self.net.prefix_lists.get(peer.prefix_list_id)
+        memo = (id(rule), fam)
+        got = self.cache.rule_keys.get(memo)
+        if got is None or got[0] is not rule or got[1] is not dep:
+            got = (rule, dep, super().rule_keys(rule, fam))
+        self._rule_keys[memo] = got
+        return got[2]
 
     def group_parts(self, group: SecurityGroup) -> _GroupParts:
         entry = self._entry(group)
@@ -300,6 +360,16 @@ class _CachedCompiler(_Compiler):
         else:
             program = super().program()
         # Keep only what this model still has: the cache never outgrows the VPC.
+        # Rule elements: the rebuilt groups' old rules that are gone leave the memo
+        # (entries are checked by identity, so a stale one is never used anyway).
+        memo = self.cache.rule_keys
+        for gid in self._rebuilt:
+            was = self.cache.groups.get(gid)
+            for r in was.group.rules if was is not None else ():
+                for fam in ("ipv4", "ipv6"):
+                    if (id(r), fam) not in self._rule_keys:
+                        memo.pop((id(r), fam), None)
+        memo.update(self._rule_keys)
         self.cache.groups = self._fresh
         self.cache.chains = self._chains
         self.cache.profiles = self._profiles
@@ -339,6 +409,7 @@ def compile_vpc_cached(
         cache.profiles.clear()
         cache.sides.clear()
         cache.flat = FlatProgramMemo()
+        cache.rule_keys.clear()
         cache.key = key
     cache.reused = cache.built = cache.patched = 0
     with cyclic_gc_paused():
