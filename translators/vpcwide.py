@@ -130,14 +130,15 @@ def flat_program(
     accept = frozenset(
         g.group_id for g in groups if g.is_basic and g.inner_access_policy == "Accept"
     )
-    if accept != memo.accept_groups:
-        memo.enis.clear()
-        memo.accept_groups = accept
+    # A group becoming (or ceasing to be) basic Accept changes its members' intra
+    # chains only.
+    flipped = accept ^ memo.accept_groups
+    memo.accept_groups = accept
     parts: list[_EniParts] = []
     fresh_enis: dict[str, tuple[Eni, _EniParts]] = {}
     for eni in enis:
         got = memo.enis.get(eni.eni_id)
-        if got is None or got[0] is not eni:
+        if got is None or got[0] is not eni or (flipped and not flipped.isdisjoint(eni.group_ids)):
             got = (eni, _eni_parts(eni, accept))
         fresh_enis[eni.eni_id] = got
         parts.append(got[1])
