@@ -87,12 +87,20 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
             result["layout"] = agent.reconciler.layout
             times: dict[str, list[float]] = {k: [] for k in KINDS}
             commands: dict[str, list[int]] = {k: [] for k in KINDS}
+            # Where a call's time goes (agent/control.py CallStats): validation and
+            # model update, the SQLite transaction, compile + diff + nft + flows.
+            steps: dict[str, dict[str, list[float]]] = {
+                k: {"perform": [], "persist": [], "enforce": []} for k in KINDS
+            }
 
             def timed(kind: str, action: str, params: dict[str, Any]) -> dict[str, Any]:
                 t = time.perf_counter()
                 out = control.call(action, params, "bench")
                 times[kind].append((time.perf_counter() - t) * 1000)
                 commands[kind].append(sum(control.last.commands.values()))
+                steps[kind]["perform"].append(control.last.perform_ms)
+                steps[kind]["persist"].append(control.last.persist_ms)
+                steps[kind]["enforce"].append(control.last.enforce_ms)
                 return out
 
             assert control.model is not None
@@ -166,6 +174,10 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
                     "p50_ms": round(statistics.median(v), 2),
                     "p99_ms": round(_p(v, 0.99), 2),
                     "commands_median": statistics.median(commands[k]),
+                    **{
+                        f"{step}_p50_ms": round(statistics.median(v2), 2)
+                        for step, v2 in steps[k].items()
+                    },
                 }
                 for k, v in times.items()
             }

@@ -12,10 +12,19 @@ are the very same ones (identity, not equality: no content is compared):
 - an ENI's v4 chains depend on the ENI (its group list) and its groups' parts;
 - a flat profile's chain and sets depend on its groups' elements.
 
-Everything else (port sets, intra-group sets, dispatch maps) is rebuilt each
-time: linear in the VPC's ENIs, with no per-rule work. The output is equal to
-`compile_vpc`'s for the same model (tests/test_incremental.py checks this over
-chains of actions). Pure: no I/O.
+Flat layout, on top (docs/dataplane.md "Per-change cost"):
+
+- a flat profile side whose groups' elements changed keeps its first-match
+  pieces and recomputes them only inside the changed region
+  (translators/regional.py), so its set is the same region as `compile_vpc`'s,
+  maybe cut differently;
+- the VPC-wide objects (port sets, intra sets and chains, dispatch maps) are
+  reused where their inputs are the same objects (translators/vpcwide.py);
+- a rebuilt group keeps its unchanged rules' elements and buckets.
+
+Every other object is equal to `compile_vpc`'s for the same model, and every
+flat set holds the same region (tests/test_regional.py over random chains of
+changes; tests/test_control_plane.py). Pure: no I/O.
 """
 
 from __future__ import annotations
