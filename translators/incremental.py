@@ -369,10 +369,10 @@ class _CachedCompiler(_Compiler):
         else:
             program = super().program()
         # Keep only what this model still has: the cache never outgrows the VPC.
-        # Rule elements: the rebuilt groups' old rules that are gone leave the memo
-        # (entries are checked by identity, so a stale one is never used anyway).
+        # Rule elements: the old rules of rebuilt (or deleted) groups that are gone
+        # leave the memo (entries are checked by identity: a stale one is never used).
         memo = self.cache.rule_keys
-        for gid in self._rebuilt:
+        for gid in self._rebuilt | (self.cache.groups.keys() - self._fresh.keys()):
             was = self.cache.groups.get(gid)
             for r in was.group.rules if was is not None else ():
                 for fam in ("ipv4", "ipv6"):
