@@ -29,6 +29,7 @@ Run as root: `.venv/bin/python bench/control_plane.py [--changes 200] [--sizes 1
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import resource
 import statistics
@@ -48,7 +49,44 @@ def _p(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
+STAGES = ("perform", "persist", "compile", "nft", "judge", "rest")
+
+
+def _instrument(agent: Any, control: Any) -> dict[str, float]:
+    """Per-call stage times (ms), by wrapping the compile, the nft call and the flow
+    listing of the agent in place; `perform`/`persist` come from CallStats and
+    `rest` (diff, bookkeeping) is what enforce spent outside the others."""
+    spent: dict[str, float] = {k: 0.0 for k in STAGES}
+    rec = agent.reconciler
+    backend = rec.backend
+
+    def timer(stage: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[stage] += (time.perf_counter() - t) * 1000
+
+        return wrapped
+
+    control.compile = timer("compile", control.compile)
+    rec.compile_program = control.compile
+    backend.apply = timer("nft", backend.apply)
+    factory = control._ct_factory
+    if factory is not None:
+
+        def ct_factory() -> Any:
+            ct = factory()
+            ct.list_flows = timer("judge", ct.list_flows)
+            ct.set_mark_bit = timer("judge", ct.set_mark_bit)
+            return ct
+
+        control._ct_factory = ct_factory
+    return spent
+
+
+def child(n_enis: int, changes: int, sdk: bool, prefix: str, paths: list[str]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests"))
     from nftsg.agent import netns
     from nftsg.agent.control import ControlPlane
@@ -85,14 +123,33 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
             assert agent.step(), "first sync failed"
             result["first_sync_s"] = round(time.perf_counter() - started, 3)
             result["layout"] = agent.reconciler.layout
-            times: dict[str, list[float]] = {k: [] for k in KINDS}
-            commands: dict[str, list[int]] = {k: [] for k in KINDS}
+            backend = agent.reconciler.backend
+            spent = _instrument(agent, control)
+            # Per path (element batches over netlink, or all through libnftables),
+            # interleaved cycle by cycle in this one process, so both see the same
+            # table, model and machine load.
+            times = {p: {k: [] for k in KINDS} for p in paths}
+            commands = {p: {k: [] for k in KINDS} for p in paths}
+            stages = {p: {k: {s: [] for s in STAGES} for k in KINDS} for p in paths}
+            sent_by = {p: {k: collections.Counter() for k in KINDS} for p in paths}
+            path = paths[0]
 
             def timed(kind: str, action: str, params: dict[str, Any]) -> dict[str, Any]:
+                for stage in STAGES:
+                    spent[stage] = 0.0
+                backend.last_path.clear()
                 t = time.perf_counter()
                 out = control.call(action, params, "bench")
-                times[kind].append((time.perf_counter() - t) * 1000)
-                commands[kind].append(sum(control.last.commands.values()))
+                total = (time.perf_counter() - t) * 1000
+                times[path][kind].append(total)
+                commands[path][kind].append(sum(control.last.commands.values()))
+                last = control.last
+                spent["perform"], spent["persist"] = last.perform_ms, last.persist_ms
+                spent["rest"] = last.enforce_ms - spent["compile"] - spent["nft"] - spent["judge"]
+                for stage in STAGES:
+                    stages[path][kind][stage].append(spent[stage])
+                for how in backend.last_path.values():
+                    sent_by[path][kind][how] += 1
                 return out
 
             assert control.model is not None
@@ -107,7 +164,11 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
                 for e in net.enis.values()
                 if all(net.groups[g].is_basic for g in e.group_ids) and len(e.group_ids) < 3
             )
-            for i in range(changes):
+            for cycle in range(changes * len(paths)):
+                # Alternate the path, and which path goes first, cycle by cycle.
+                path = paths[(cycle + cycle // len(paths)) % len(paths)]
+                backend.netlink_elements = path == "netlink"
+                i = cycle
                 gid = basic[i % len(basic)]
                 perm = {
                     "IpProtocol": "TCP",
@@ -160,15 +221,24 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
                     "LeaveSecurityGroup",
                     {"SecurityGroupId": other, "NetworkInterfaceId": eni.eni_id},
                 )
-            result["kinds"] = {
-                k: {
-                    "n": len(v),
-                    "p50_ms": round(statistics.median(v), 2),
-                    "p99_ms": round(_p(v, 0.99), 2),
-                    "commands_median": statistics.median(commands[k]),
+            result["paths"] = {
+                p: {
+                    k: {
+                        "n": len(v),
+                        "p50_ms": round(statistics.median(v), 2),
+                        "p99_ms": round(_p(v, 0.99), 2),
+                        "commands_median": statistics.median(commands[p][k]),
+                        "stages_p50_ms": {
+                            s: round(statistics.median(x), 2) for s, x in stages[p][k].items()
+                        },
+                        "sent_by": dict(sent_by[p][k]),
+                    }
+                    for k, v in times[p].items()
                 }
-                for k, v in times.items()
+                for p in paths
             }
+            result["kinds"] = result["paths"][paths[0]]
+            backend.netlink_elements = paths[0] == "netlink"
             if sdk:
                 result["sdk"] = sdk_calls(control, changes, basic)
             result["peak_rss_mb"] = round(
@@ -237,17 +307,23 @@ def sdk_calls(control: Any, changes: int, basic: list[str]) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    base = {k: results[0]["kinds"][k]["p50_ms"] for k in KINDS} if results else {}
+    paths = list(results[0].get("paths", {"": None})) if results else []
     lines = [
-        f"{'ENIs':>5} {'change':<13} {'p50 ms':>8} {'p99 ms':>8} {'x10 p50':>8} {'cmds':>6}",
+        f"{'ENIs':>5} {'path':<11} {'change':<13} {'p50 ms':>8} {'p99 ms':>8} {'x10 p50':>8} "
+        f"{'cmds':>6}  stage p50 ms: " + " ".join(f"{s:>7}" for s in STAGES),
     ]
     for r in results:
-        for k in KINDS:
-            s = r["kinds"][k]
-            lines.append(
-                f"{r['enis']:>5} {k:<13} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
-                f"{s['p50_ms'] / base[k]:>8.2f} {s['commands_median']:>6}"
-            )
+        for path in paths:
+            kinds = r["paths"][path] if path else r["kinds"]
+            base = results[0]["paths"][path] if path else results[0]["kinds"]
+            for k in KINDS:
+                s = kinds[k]
+                st = s.get("stages_p50_ms", {})
+                lines.append(
+                    f"{r['enis']:>5} {path:<11} {k:<13} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
+                    f"{s['p50_ms'] / base[k]['p50_ms']:>8.2f} {s['commands_median']:>6}  "
+                    f"{'':14}" + " ".join(f"{st.get(x, 0):>7.2f}" for x in STAGES)
+                )
         extra = (
             f", SDK authorize/revoke p50 {r['sdk']['p50_ms']} ms p99 {r['sdk']['p99_ms']} ms"
             if "sdk" in r
@@ -265,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10,50,200,500")
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--no-sdk", action="store_true")
+    parser.add_argument(
+        "--paths",
+        default="netlink",
+        help="comma list of netlink,libnftables: how element-only batches are sent; "
+        "several are interleaved in one run, each getting --changes cycles (the SDK "
+        "calls use the first)",
+    )
     parser.add_argument("--json", default="control_plane.json")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default=f"cpb{int(time.time()) % 100000}")
@@ -272,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in args.sizes.split(",")]
     if args.child is not None:
         sdk = not args.no_sdk and args.child == max(sizes)
-        print(json.dumps(child(args.child, args.changes, sdk, args.prefix)))
+        paths = args.paths.split(",")
+        print(json.dumps(child(args.child, args.changes, sdk, args.prefix, paths)))
         return 0
     results = []
     for n in sizes:
@@ -288,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.sizes,
                 "--prefix",
                 args.prefix,
+                "--paths",
+                args.paths,
                 *(["--no-sdk"] if args.no_sdk else []),
             ],
             capture_output=True,
