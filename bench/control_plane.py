@@ -49,13 +49,14 @@ def _p(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-STAGES = ("perform", "persist", "compile", "nft", "judge", "rest")
+STAGES = ("perform", "persist", "compile", "nft", "in_worker", "judge", "rest")
 
 
 def _instrument(agent: Any, control: Any) -> dict[str, float]:
     """Per-call stage times (ms), by wrapping the compile, the nft call and the flow
-    listing of the agent in place; `perform`/`persist` come from CallStats and
-    `rest` (diff, bookkeeping) is what enforce spent outside the others."""
+    listing of the agent in place; `perform`/`persist` come from CallStats,
+    `in_worker` is the part of `nft` inside the namespace worker, and `rest` (diff,
+    bookkeeping) is what enforce spent outside the others."""
     spent: dict[str, float] = {k: 0.0 for k in STAGES}
     rec = agent.reconciler
     backend = rec.backend
@@ -138,6 +139,7 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str, paths: list[str]) -
                 for stage in STAGES:
                     spent[stage] = 0.0
                 backend.last_path.clear()
+                backend.last_timing.clear()
                 t = time.perf_counter()
                 out = control.call(action, params, "bench")
                 total = (time.perf_counter() - t) * 1000
@@ -146,6 +148,9 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str, paths: list[str]) -
                 last = control.last
                 spent["perform"], spent["persist"] = last.perform_ms, last.persist_ms
                 spent["rest"] = last.enforce_ms - spent["compile"] - spent["nft"] - spent["judge"]
+                # Of "nft": the time inside the namespace worker (the libnftables call or
+                # the netlink exchange), the rest being the hand-over and encoding.
+                spent["in_worker"] = sum(backend.last_timing.values()) * 1000
                 for stage in STAGES:
                     stages[path][kind][stage].append(spent[stage])
                 for how in backend.last_path.values():
@@ -274,6 +279,19 @@ def sdk_calls(control: Any, changes: int, basic: list[str]) -> dict[str, Any]:
                 )
             )
             times: list[float] = []
+            # The control plane's own time per call, so HTTP + signing + the SDK
+            # client are the difference (same call, same process).
+            inside: list[float] = []
+            real_call = control.call
+
+            def timed_call(*args: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return real_call(*args)
+                finally:
+                    inside.append((time.perf_counter() - t) * 1000)
+
+            control.call = timed_call
             for i in range(changes):
                 gid = basic[i % len(basic)]
                 spec = {
@@ -299,10 +317,15 @@ def sdk_calls(control: Any, changes: int, basic: list[str]) -> dict[str, Any]:
                     )
                 )
                 times.append((time.perf_counter() - t) * 1000)
+    control.call = real_call
+    outside = [t - c for t, c in zip(times, inside, strict=True)]
     return {
         "n": len(times),
         "p50_ms": round(statistics.median(times), 2),
         "p99_ms": round(_p(times, 0.99), 2),
+        "control_plane_p50_ms": round(statistics.median(inside), 2),
+        "http_sdk_overhead_p50_ms": round(statistics.median(outside), 2),
+        "http_sdk_overhead_p99_ms": round(_p(outside, 0.99), 2),
     }
 
 
@@ -325,7 +348,8 @@ def table(results: list[dict[str, Any]]) -> str:
                     f"{'':14}" + " ".join(f"{st.get(x, 0):>7.2f}" for x in STAGES)
                 )
         extra = (
-            f", SDK authorize/revoke p50 {r['sdk']['p50_ms']} ms p99 {r['sdk']['p99_ms']} ms"
+            f", SDK authorize/revoke p50 {r['sdk']['p50_ms']} ms p99 {r['sdk']['p99_ms']} ms "
+            f"(HTTP + signing + SDK client p50 {r['sdk'].get('http_sdk_overhead_p50_ms')} ms)"
             if "sdk" in r
             else ""
         )
@@ -342,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--no-sdk", action="store_true")
     parser.add_argument(
+        "--sdk-everywhere", action="store_true", help="the SDK calls at every size, not the largest"
+    )
+    parser.add_argument(
         "--paths",
         default="netlink",
         help="comma list of netlink,libnftables: how element-only batches are sent; "
@@ -354,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     if args.child is not None:
-        sdk = not args.no_sdk and args.child == max(sizes)
+        sdk = not args.no_sdk and (args.sdk_everywhere or args.child == max(sizes))
         paths = args.paths.split(",")
         print(json.dumps(child(args.child, args.changes, sdk, args.prefix, paths)))
         return 0
@@ -375,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--paths",
                 args.paths,
                 *(["--no-sdk"] if args.no_sdk else []),
+                *(["--sdk-everywhere"] if args.sdk_everywhere else []),
             ],
             capture_output=True,
             text=True,
