@@ -5,7 +5,7 @@ an empty table (in the namespace's own thread as well as through its netns helpe
 and the agent dumps the router's table after every accepted change to judge the
 flows. The request is 20 bytes and an entry's original tuple, mark, status, zone,
 id and TCP state are a few attributes each, so the walk is done here and the dump
-costs what the table holds (docs/dataplane.md "Per-change cost: kernel side").
+costs what the table holds (docs/dataplane.md §"Per-change cost: kernel side").
 Pure: bytes in, field dicts out; `agent/conntrack.py` owns the socket.
 """
 

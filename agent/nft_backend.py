@@ -306,7 +306,7 @@ class NftBackend:
         self._lock = threading.Lock()
         self.last_timing: dict[str, float] = {}
         # Element-only batches straight over nfnetlink (docs/kernel-notes.md
-        # "Element batches over nfnetlink"); everything else through libnftables.
+        # §"Element batches over nfnetlink"); everything else through libnftables.
         self.netlink_elements = (
             netlink_elements_default() if netlink_elements is None else netlink_elements
         )

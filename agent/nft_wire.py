@@ -5,7 +5,7 @@ table's tables, chains and every set into its cache (one dump each, ~1,700 sets 
 500 ENIs) before it can send them. The namespace worker can send the same batch
 itself: one NFNL_MSG_BATCH_BEGIN .. NEWSETELEM / DELSETELEM .. BATCH_END message,
 one kernel transaction, all or nothing, exactly as nft sends it
-(docs/kernel-notes.md "Element batches over nfnetlink").
+(docs/kernel-notes.md §"Element batches over nfnetlink").
 
 This module is pure (bytes in, bytes out); `agent/nft_fastpath.py` owns the socket.
 Only what the layout uses is encoded: fields `inet_proto`, `ipv4_addr`,
