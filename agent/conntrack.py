@@ -21,8 +21,8 @@ namespace's own entry count: a dump walks the conntrack hash all namespaces
 share, ~10 ms even for an empty table (docs/kernel-notes.md §Conntrack).
 Updates go through pyroute2, whose ``Conntrack(netns=...)`` forks a helper into
 the namespace (~7 ms), so one socket per (namespace, address family) is kept
-while the `Conntracker` lives. Updates pass the entry's conntrack id, so a flow that was replaced by a
-new one with the same tuple in the meantime is left alone.
+while the `Conntracker` lives. Updates pass the entry's conntrack id, so a flow
+that was replaced by a new one with the same tuple in the meantime is left alone.
 """
 
 from __future__ import annotations
