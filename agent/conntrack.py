@@ -185,6 +185,7 @@ class Conntracker:
         buckets here: ~10 ms of system time per dump even for an empty table), so the
         namespace's own entry count is asked first and an empty table is not walked."""
         if self.count(namespace) == 0:
+            log.debug("conntrack of %s: no entries (not walked)", namespace)
             return []
         try:
             sock = self._dumper(namespace)
@@ -197,6 +198,7 @@ class Conntracker:
             raise ConntrackError(
                 f"cannot list conntrack entries: {exc}", namespace=namespace
             ) from exc
+        log.debug("conntrack of %s: %d entries", namespace, len(entries))
         return [FlowEntry(**e) for e in entries]
 
     def set_mark_bit(
