@@ -49,7 +49,7 @@ def _p(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-STAGES = ("perform", "persist", "compile", "nft", "in_worker", "judge", "rest")
+STAGES = ("perform", "persist", "compile", "nft", "in_worker", "judge", "rest", "fsync_wait")
 
 
 def _instrument(agent: Any, control: Any) -> dict[str, float]:
@@ -151,6 +151,8 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str, paths: list[str]) -
                 # Of "nft": the time inside the namespace worker (the libnftables call or
                 # the netlink exchange), the rest being the hand-over and encoding.
                 spent["in_worker"] = sum(backend.last_timing.values()) * 1000
+                # What the store's overlapped fsync still made the answer wait.
+                spent["fsync_wait"] = getattr(last, "sync_wait_ms", 0.0)
                 for stage in STAGES:
                     stages[path][kind][stage].append(spent[stage])
                 for how in backend.last_path.values():
