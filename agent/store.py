@@ -5,8 +5,9 @@ SQLite in WAL mode with ``synchronous=FULL``: every write below is one
 transaction, so a crash (even SIGKILL or power loss) leaves either the old or
 the new state, never a mix. A journal append may defer its fsync
 (`append_mutation(sync=False)` + `sync_journal()`, which together are FULL) so
-that the control plane overlaps it with the kernel commit. The raw topology is stored, not the compiled
-program: the program is derived and may change with the compiler. The
+that the control plane overlaps it with the kernel commit. The raw topology
+is stored, not the compiled program: the program is derived and may change
+with the compiler. The
 "applied" records say which revision each router enforces (what `lab up`
 waits for); whether the kernel really holds the program is checked by content
 against the kernel's listing, never assumed from a record.
