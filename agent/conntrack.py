@@ -16,10 +16,13 @@ current mark (``new = (old & ~mask) ^ mark``) in the one update: no
 read-modify-write in user space, so a foreign bit written between our dump
 and our update is not undone.
 
-pyroute2's ``Conntrack(netns=...)`` forks a helper into the namespace (~7 ms),
-so one socket per (namespace, address family) is kept while the `Conntracker`
-lives. Updates pass the entry's conntrack id, so a flow that was replaced by a
-new one with the same tuple in the meantime is left alone.
+Listing is a plain netlink dump (`agent/ct_wire.py`), preceded by the
+namespace's own entry count: a dump walks the conntrack hash all namespaces
+share, ~10 ms even for an empty table (docs/kernel-notes.md §Conntrack).
+Updates go through pyroute2, whose ``Conntrack(netns=...)`` forks a helper into
+the namespace (~7 ms), so one socket per (namespace, address family) is kept
+while the `Conntracker` lives. Updates pass the entry's conntrack id, so a flow
+that was replaced by a new one with the same tuple in the meantime is left alone.
 """
 
 from __future__ import annotations
@@ -36,11 +39,15 @@ from typing import Any
 from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT, check_ct_mark_bit
 from nftsg.translators.evaluator import Flow
 
+from . import ct_wire
 from .nft_backend import NETNS_DIR, check_namespace_name
 
 log = logging.getLogger(__name__)
 
 _ICMP_PROTOS = (socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
+_NETLINK_NETFILTER = 12
+# A dump is answered while we read; this only bounds a kernel that stops answering.
+_DUMP_TIMEOUT_S = 10.0
 
 
 class ConntrackError(Exception):
@@ -111,6 +118,9 @@ class Conntracker:
 
     def __init__(self) -> None:
         self._sockets: dict[tuple[str, int], Any] = {}
+        # Plain netlink sockets for dumps, per namespace (agent/ct_wire.py).
+        self._dumpers: dict[str, socket.socket] = {}
+        self._seq = 0
 
     def _socket(self, namespace: str, family: int) -> Any:
         key = (namespace, family)
@@ -128,19 +138,68 @@ class Conntracker:
             self._sockets[key] = sock
         return sock
 
-    def list_flows(self, namespace: str) -> list[FlowEntry]:
-        sock = self._socket(namespace, socket.AF_UNSPEC)
+    def _dumper(self, namespace: str) -> socket.socket:
+        sock = self._dumpers.get(namespace)
+        if sock is None:
+            check_namespace_name(namespace)
+            if not os.path.exists(os.path.join(NETNS_DIR, namespace)):
+                raise ConntrackError("namespace does not exist", namespace=namespace)
+            from . import netns
+
+            with netns.entered(namespace):
+                # A netlink socket belongs to the namespace of the thread creating it.
+                sock = socket.socket(
+                    socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER
+                )
+            try:
+                sock.bind((0, 0))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                sock.settimeout(_DUMP_TIMEOUT_S)
+            except OSError:
+                sock.close()
+                raise
+            self._dumpers[namespace] = sock
+        return sock
+
+    def count(self, namespace: str) -> int:
+        """How many entries the namespace's conntrack table holds (CT_GET_STATS)."""
         try:
-            return [
-                _entry_to_flow(e)
-                for e in sock.dump_entries()
-                if e.tuple_orig.family in (socket.AF_INET, socket.AF_INET6)
-            ]
-        except OSError as exc:
+            sock = self._dumper(namespace)
+            self._seq = (self._seq + 1) & 0x7FFFFFFF
+            seq = self._seq
+            sock.sendall(ct_wire.stats_request(seq))
+            while True:
+                found = ct_wire.parse_stats(sock.recv(1 << 16), seq)
+                if found is not None:
+                    return found
+        except (OSError, ct_wire.DumpEnd) as exc:
+            self._drop(namespace)
+            raise ConntrackError(
+                f"cannot count conntrack entries: {exc}", namespace=namespace
+            ) from exc
+
+    def list_flows(self, namespace: str) -> list[FlowEntry]:
+        """Every IPv4/IPv6 entry of the namespace's conntrack table (one netlink dump).
+
+        A dump walks the kernel's conntrack hash, which all namespaces share (262,144
+        buckets here: ~10 ms of system time per dump even for an empty table), so the
+        namespace's own entry count is asked first and an empty table is not walked."""
+        if self.count(namespace) == 0:
+            log.debug("conntrack of %s: no entries (not walked)", namespace)
+            return []
+        try:
+            sock = self._dumper(namespace)
+            self._seq = (self._seq + 1) & 0x7FFFFFFF
+            seq = self._seq
+            sock.sendall(ct_wire.dump_request(seq))
+            entries = ct_wire.walk(iter(lambda: sock.recv(1 << 20), b""), seq)
+        except (OSError, ct_wire.DumpEnd) as exc:
             self._drop(namespace)
             raise ConntrackError(
                 f"cannot list conntrack entries: {exc}", namespace=namespace
             ) from exc
+        log.debug("conntrack of %s: %d entries", namespace, len(entries))
+        return [FlowEntry(**e) for e in entries]
 
     def set_mark_bit(
         self, namespace: str, changes: Iterable[tuple[FlowEntry, bool]], bit: int
@@ -196,6 +255,9 @@ class Conntracker:
         self._drop(namespace)
 
     def _drop(self, namespace: str) -> None:
+        dumper = self._dumpers.pop(namespace, None)
+        if dumper is not None:
+            dumper.close()
         for key in [k for k in self._sockets if k[0] == namespace]:
             sock = self._sockets.pop(key)
             try:
@@ -204,7 +266,7 @@ class Conntracker:
                 log.debug("closing conntrack socket for %s failed", namespace)
 
     def close(self) -> None:
-        for namespace in sorted({k[0] for k in self._sockets}):
+        for namespace in sorted({k[0] for k in self._sockets} | set(self._dumpers)):
             self._drop(namespace)
 
     def __enter__(self) -> Conntracker:

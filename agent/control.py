@@ -7,8 +7,10 @@ agent loop holds too, so the two never program a router at once):
    only what the call touches is validated; a rejected call raises `EcsError`
    having changed nothing (no store write, no kernel command);
 2. the accepted call is appended to the store's journal (agent/datastore.py),
-   one transaction on top of the revision it was performed on; from here the
-   call is durable: a restart replays it;
+   one transaction on top of the revision it was performed on; from here a
+   restart replays it (committed to the WAL file at once; its fsync runs in a
+   helper thread during steps 3 and 4 and is waited for in step 5, so an
+   answered call is on disk as with synchronous=FULL);
 3. each VPC router the change touches is recompiled, reusing the compiled
    form of every group and ENI the call did not touch
    (translators/incremental.py), and gets the difference in one nft
@@ -17,7 +19,7 @@ agent loop holds too, so the two never program a router at once):
 4. the tracked flows that involve an ENI the change can affect are judged
    (docs/semantics.md "State"): revoked ones cut, restored ones revived; the
    other flows are not looked at;
-5. only then the response is returned.
+5. only then, once the store's write is on disk, the response is returned.
 
 If step 3 or 4 fails, the router keeps its last good rules (nft transactions
 are atomic: nothing opens), the agent's next rounds retry as for any failure,
@@ -100,6 +102,12 @@ class CallStats:
     commands: dict[str, int] = field(default_factory=dict)
     flows_judged: int = 0
     flows_changed: int = 0
+    # Waiting for the store's fsync after enforcing (the part it did not overlap).
+    sync_wait_ms: float = 0.0
+
+
+def _stored() -> None:
+    """A store whose append is durable when it returns: nothing to wait for."""
 
 
 def affected_enis(old: Network, new: Network, change: Change) -> set[str]:
@@ -230,8 +238,15 @@ class ControlPlane:
                 return outcome.response
             t1 = time.perf_counter()
             previous = self.revision
+            # Stored at once; the fsync (when the store can defer it) overlaps the
+            # kernel commit and is waited for before the answer.
+            durable: Callable[[], None] = _stored
             try:
-                mutation = self.datastore.append(previous, action, params, now)
+                deferred = getattr(self.datastore, "append_deferred", None)
+                if deferred is not None:
+                    mutation, durable = deferred(previous, action, params, now)
+                else:
+                    mutation = self.datastore.append(previous, action, params, now)
             except Conflict as exc:
                 log.warning("call %s (RequestId %s) not stored: %s", action, request_id, exc)
                 self.model = None  # reload on the next call
@@ -247,6 +262,18 @@ class ControlPlane:
             if new.topology.bindings != model.topology.bindings:
                 self._rebind(new)
             stats.enforce_ms = (time.perf_counter() - t2) * 1e3
+            t3 = time.perf_counter()
+            try:
+                durable()
+            except OSError as exc:
+                log.error("call %s (RequestId %s) not made durable: %s", action, request_id, exc)
+                self.last = stats
+                raise EcsError(
+                    "ServiceUnavailable",
+                    f"The change (revision {mutation.revision}) is in force but the state "
+                    f"store could not write it to disk: {exc}",
+                ) from None
+            stats.sync_wait_ms = (time.perf_counter() - t3) * 1e3
             self.last = stats
             if self.journal_length >= self.checkpoint_every:
                 self.checkpoint()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -86,6 +88,7 @@ class SqliteDatastore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._head: tuple[int, str] | None = None  # (revision, digest) of our last write
+        self._syncer: ThreadPoolExecutor | None = None  # runs the deferred fsyncs
 
     def revision(self) -> int:
         return self.store.revision()
@@ -112,6 +115,25 @@ class SqliteDatastore:
         return self._head[1] if self._head else ""
 
     def append(self, base_revision: int, action: str, params: dict[str, Any], at: str) -> Mutation:
+        return self._append(base_revision, action, params, at, sync=True)
+
+    def append_deferred(
+        self, base_revision: int, action: str, params: dict[str, Any], at: str
+    ) -> tuple[Mutation, Callable[[], None]]:
+        """`append`, durable once the returned function returns (it raises OSError if
+        the disk failed). The transaction is committed at once (a process crash keeps
+        it); its fsync runs in a helper thread meanwhile, so the caller overlaps it with
+        the kernel commit and waits before answering (docs/dataplane.md
+        §"Per-change cost: kernel side")."""
+        mutation = self._append(base_revision, action, params, at, sync=False)
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="store-sync")
+        done = self._syncer.submit(self.store.sync_journal)
+        return mutation, done.result
+
+    def _append(
+        self, base_revision: int, action: str, params: dict[str, Any], at: str, *, sync: bool
+    ) -> Mutation:
         previous = self._head[1] if self._head and self._head[0] == base_revision else ""
         if not previous:
             snapshot = self.load()
@@ -119,7 +141,7 @@ class SqliteDatastore:
         dg = chain_digest(previous, action, params, at)
         try:
             revision = self.store.append_mutation(
-                base_revision, action, json.dumps(params, sort_keys=True), at, dg
+                base_revision, action, json.dumps(params, sort_keys=True), at, dg, sync=sync
             )
         except StoreError as exc:
             raise Conflict(str(exc)) from exc

@@ -45,6 +45,15 @@ _SPAWNED: collections.deque[int] = collections.deque(maxlen=256)
 _T = TypeVar("_T")
 # One NFT_MSG_GETGEN socket per namespace worker thread.
 _GEN_SOCKETS = threading.local()
+# One element-batch socket per namespace worker thread (agent/nft_fastpath.py).
+_ELEMENT_CHANNELS = threading.local()
+# NFTSG_NETLINK_ELEMENTS=0 sends element batches through libnftables too (the
+# benchmark compares both ways; a fallback if the kernel ever answers oddly).
+NETLINK_ELEMENTS_ENV = "NFTSG_NETLINK_ELEMENTS"
+
+
+def netlink_elements_default() -> bool:
+    return os.environ.get(NETLINK_ELEMENTS_ENV, "1") != "0"
 
 
 def _brief(text: str, limit: int = 600) -> str:
@@ -289,11 +298,20 @@ class _NamespaceWorker:
 class NftBackend:
     """The real backend: libnftables JSON, one worker thread per namespace."""
 
-    def __init__(self, *, allow_root_namespace: bool = False) -> None:
+    def __init__(
+        self, *, allow_root_namespace: bool = False, netlink_elements: bool | None = None
+    ) -> None:
         self._allow_root = allow_root_namespace
         self._workers: dict[str, _NamespaceWorker] = {}
         self._lock = threading.Lock()
         self.last_timing: dict[str, float] = {}
+        # Element-only batches straight over nfnetlink (docs/kernel-notes.md
+        # §"Element batches over nfnetlink"); everything else through libnftables.
+        self.netlink_elements = (
+            netlink_elements_default() if netlink_elements is None else netlink_elements
+        )
+        # How the last transaction per namespace went: "netlink" or "libnftables".
+        self.last_path: dict[str, str] = {}
 
     # -- plumbing --------------------------------------------------------
 
@@ -368,7 +386,59 @@ class NftBackend:
     def apply(self, namespace: str, commands: list[dict[str, Any]]) -> None:
         if not commands:
             return
+        if self.netlink_elements and self._apply_elements(namespace, commands):
+            return
         self._run(namespace, commands, dry_run=False, what="transaction")
+        self.last_path[namespace] = "libnftables"
+
+    def _apply_elements(self, namespace: str, commands: list[dict[str, Any]]) -> bool:
+        """An element-only batch as one nfnetlink transaction from the namespace's
+        worker; False (nothing sent) when the batch is anything else or uses what the
+        encoder does not write, then the caller sends it whole through libnftables."""
+        from .nft_fastpath import BatchFailed, ElementChannel
+        from .nft_wire import Unsupported, element_ops
+
+        ops = element_ops(commands)
+        if ops is None:
+            return False
+        worker = self._worker(namespace)
+
+        def job(_ctx: Any) -> bool | BatchFailed:
+            channel = _ELEMENT_CHANNELS.__dict__.get("channel")
+            if channel is None:
+                # Created in the worker thread, so it is bound to its namespace.
+                channel = _ELEMENT_CHANNELS.channel = ElementChannel()
+            started = time.perf_counter()
+            try:
+                channel.apply(ops)
+            except Unsupported as exc:
+                log.debug("element batch for %s through libnftables: %s", namespace, exc)
+                return False
+            except BatchFailed as exc:
+                return exc
+            except OSError as exc:
+                # The socket failed (sending, or its answers overflowed): whether the
+                # kernel committed is unknown, so this is an error, and the caller
+                # forgets the namespace and rewrites it in full. A fresh socket next time.
+                _ELEMENT_CHANNELS.channel = None
+                channel.close()
+                return BatchFailed(exc.errno or 0, f"netlink socket: {exc}")
+            self.last_timing[namespace] = time.perf_counter() - started
+            return True
+
+        outcome = worker.call(job)
+        if isinstance(outcome, BaseException):
+            log.warning("nft transaction failed in %s (netlink): %s", namespace, outcome)
+            raise NftError(
+                "nft transaction failed",
+                rc=1,
+                stderr=f"Error: Could not process rule: {outcome.detail}\n",
+                batch=commands,
+                namespace=namespace,
+            )
+        if outcome:
+            self.last_path[namespace] = "netlink"
+        return outcome
 
     def apply_text(self, namespace: str, text: str, commands: int) -> None:
         """Run an nft text batch (`nft_text.full_sync_text`, the cold-load path: faster

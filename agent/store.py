@@ -3,8 +3,11 @@ VPC namespace was last programmed with, and a few lab settings.
 
 SQLite in WAL mode with ``synchronous=FULL``: every write below is one
 transaction, so a crash (even SIGKILL or power loss) leaves either the old or
-the new state, never a mix. The raw topology is stored, not the compiled
-program: the program is derived and may change with the compiler. The
+the new state, never a mix. A journal append may defer its fsync
+(`append_mutation(sync=False)` + `sync_journal()`, which together are FULL) so
+that the control plane overlaps it with the kernel commit. The raw topology
+is stored, not the compiled program: the program is derived and may change
+with the compiler. The
 "applied" records say which revision each router enforces (what `lab up`
 waits for); whether the kernel really holds the program is checked by content
 against the kernel's listing, never assumed from a record.
@@ -111,7 +114,9 @@ class Store:
             )
             if fresh:
                 os.chmod(self.path, 0o600)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+            # Deferred syncs (append_mutation(sync=False)) rely on the WAL.
+            self._wal = bool(mode) and str(mode[0]).lower() == "wal"
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=10000")
             with self._transaction():
@@ -182,10 +187,32 @@ class Store:
     # -- the journal of accepted mutations -------------------------------------
 
     def append_mutation(
-        self, base_revision: int, action: str, params_json: str, at: str, chain_digest: str
+        self,
+        base_revision: int,
+        action: str,
+        params_json: str,
+        at: str,
+        chain_digest: str,
+        *,
+        sync: bool = True,
     ) -> int:
         """Append one accepted mutation on top of `base_revision`; returns its revision.
-        Raises StoreError (and writes nothing) if the store moved past `base_revision`."""
+        Raises StoreError (and writes nothing) if the store moved past `base_revision`.
+
+        `sync=False`: the transaction is committed and written to the WAL file (a
+        process crash keeps it) without waiting for the disk; it is durable once
+        `sync_journal()` returns. SQLite's synchronous=FULL in WAL mode is exactly
+        "fsync the WAL after each commit", so commit + sync_journal is FULL, with the
+        fsync moved to where the caller can overlap it with other work."""
+        if not sync and self._wal:
+            with self._lock:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    return self.append_mutation(
+                        base_revision, action, params_json, at, chain_digest
+                    )
+                finally:
+                    self._db.execute("PRAGMA synchronous=FULL")
         with self._lock, self._transaction() as db:
             current = db.execute(
                 "SELECT max(coalesce((SELECT revision FROM topology WHERE id = 1), 0), "
@@ -202,6 +229,17 @@ class Store:
                 (new, action, params_json, at, chain_digest, time.time()),
             )
         return new
+
+    def sync_journal(self) -> None:
+        """Make every committed transaction durable: fsync the WAL file (what
+        synchronous=FULL does at each commit). Without WAL every commit was FULL."""
+        if not self._wal:
+            return
+        fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def journal(self, after: int = 0) -> list[tuple[int, str, dict[str, Any], str, str]]:
         """(revision, action, params, at, digest) of the journal after `after`, in order."""

@@ -29,6 +29,7 @@ Run as root: `.venv/bin/python bench/control_plane.py [--changes 200] [--sizes 1
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import resource
 import statistics
@@ -48,7 +49,45 @@ def _p(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
+STAGES = ("perform", "persist", "compile", "nft", "in_worker", "judge", "rest", "fsync_wait")
+
+
+def _instrument(agent: Any, control: Any) -> dict[str, float]:
+    """Per-call stage times (ms), by wrapping the compile, the nft call and the flow
+    listing of the agent in place; `perform`/`persist` come from CallStats,
+    `in_worker` is the part of `nft` inside the namespace worker, and `rest` (diff,
+    bookkeeping) is what enforce spent outside the others."""
+    spent: dict[str, float] = {k: 0.0 for k in STAGES}
+    rec = agent.reconciler
+    backend = rec.backend
+
+    def timer(stage: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[stage] += (time.perf_counter() - t) * 1000
+
+        return wrapped
+
+    control.compile = timer("compile", control.compile)
+    rec.compile_program = control.compile
+    backend.apply = timer("nft", backend.apply)
+    factory = control._ct_factory
+    if factory is not None:
+
+        def ct_factory() -> Any:
+            ct = factory()
+            ct.list_flows = timer("judge", ct.list_flows)
+            ct.set_mark_bit = timer("judge", ct.set_mark_bit)
+            return ct
+
+        control._ct_factory = ct_factory
+    return spent
+
+
+def child(n_enis: int, changes: int, sdk: bool, prefix: str, paths: list[str]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests"))
     from nftsg.agent import netns
     from nftsg.agent.control import ControlPlane
@@ -85,22 +124,39 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
             assert agent.step(), "first sync failed"
             result["first_sync_s"] = round(time.perf_counter() - started, 3)
             result["layout"] = agent.reconciler.layout
-            times: dict[str, list[float]] = {k: [] for k in KINDS}
-            commands: dict[str, list[int]] = {k: [] for k in KINDS}
-            # Where a call's time goes (agent/control.py CallStats): validation and
-            # model update, the SQLite transaction, compile + diff + nft + flows.
-            steps: dict[str, dict[str, list[float]]] = {
-                k: {"perform": [], "persist": [], "enforce": []} for k in KINDS
-            }
+            backend = agent.reconciler.backend
+            spent = _instrument(agent, control)
+            # Per path (element batches over netlink, or all through libnftables),
+            # interleaved cycle by cycle in this one process, so both see the same
+            # table, model and machine load.
+            times = {p: {k: [] for k in KINDS} for p in paths}
+            commands = {p: {k: [] for k in KINDS} for p in paths}
+            stages = {p: {k: {s: [] for s in STAGES} for k in KINDS} for p in paths}
+            sent_by = {p: {k: collections.Counter() for k in KINDS} for p in paths}
+            path = paths[0]
 
             def timed(kind: str, action: str, params: dict[str, Any]) -> dict[str, Any]:
+                for stage in STAGES:
+                    spent[stage] = 0.0
+                backend.last_path.clear()
+                backend.last_timing.clear()
                 t = time.perf_counter()
                 out = control.call(action, params, "bench")
-                times[kind].append((time.perf_counter() - t) * 1000)
-                commands[kind].append(sum(control.last.commands.values()))
-                steps[kind]["perform"].append(control.last.perform_ms)
-                steps[kind]["persist"].append(control.last.persist_ms)
-                steps[kind]["enforce"].append(control.last.enforce_ms)
+                total = (time.perf_counter() - t) * 1000
+                times[path][kind].append(total)
+                commands[path][kind].append(sum(control.last.commands.values()))
+                last = control.last
+                spent["perform"], spent["persist"] = last.perform_ms, last.persist_ms
+                spent["rest"] = last.enforce_ms - spent["compile"] - spent["nft"] - spent["judge"]
+                # Of "nft": the time inside the namespace worker (the libnftables call or
+                # the netlink exchange), the rest being the hand-over and encoding.
+                spent["in_worker"] = sum(backend.last_timing.values()) * 1000
+                # What the store's overlapped fsync still made the answer wait.
+                spent["fsync_wait"] = getattr(last, "sync_wait_ms", 0.0)
+                for stage in STAGES:
+                    stages[path][kind][stage].append(spent[stage])
+                for how in backend.last_path.values():
+                    sent_by[path][kind][how] += 1
                 return out
 
             assert control.model is not None
@@ -115,7 +171,11 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
                 for e in net.enis.values()
                 if all(net.groups[g].is_basic for g in e.group_ids) and len(e.group_ids) < 3
             )
-            for i in range(changes):
+            for cycle in range(changes * len(paths)):
+                # Alternate the path, and which path goes first, cycle by cycle.
+                path = paths[(cycle + cycle // len(paths)) % len(paths)]
+                backend.netlink_elements = path == "netlink"
+                i = cycle
                 gid = basic[i % len(basic)]
                 perm = {
                     "IpProtocol": "TCP",
@@ -168,19 +228,24 @@ def child(n_enis: int, changes: int, sdk: bool, prefix: str) -> dict[str, Any]:
                     "LeaveSecurityGroup",
                     {"SecurityGroupId": other, "NetworkInterfaceId": eni.eni_id},
                 )
-            result["kinds"] = {
-                k: {
-                    "n": len(v),
-                    "p50_ms": round(statistics.median(v), 2),
-                    "p99_ms": round(_p(v, 0.99), 2),
-                    "commands_median": statistics.median(commands[k]),
-                    **{
-                        f"{step}_p50_ms": round(statistics.median(v2), 2)
-                        for step, v2 in steps[k].items()
-                    },
+            result["paths"] = {
+                p: {
+                    k: {
+                        "n": len(v),
+                        "p50_ms": round(statistics.median(v), 2),
+                        "p99_ms": round(_p(v, 0.99), 2),
+                        "commands_median": statistics.median(commands[p][k]),
+                        "stages_p50_ms": {
+                            s: round(statistics.median(x), 2) for s, x in stages[p][k].items()
+                        },
+                        "sent_by": dict(sent_by[p][k]),
+                    }
+                    for k, v in times[p].items()
                 }
-                for k, v in times.items()
+                for p in paths
             }
+            result["kinds"] = result["paths"][paths[0]]
+            backend.netlink_elements = paths[0] == "netlink"
             if sdk:
                 result["sdk"] = sdk_calls(control, changes, basic)
             result["peak_rss_mb"] = round(
@@ -216,6 +281,19 @@ def sdk_calls(control: Any, changes: int, basic: list[str]) -> dict[str, Any]:
                 )
             )
             times: list[float] = []
+            # The control plane's own time per call, so HTTP + signing + the SDK
+            # client are the difference (same call, same process).
+            inside: list[float] = []
+            real_call = control.call
+
+            def timed_call(*args: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return real_call(*args)
+                finally:
+                    inside.append((time.perf_counter() - t) * 1000)
+
+            control.call = timed_call
             for i in range(changes):
                 gid = basic[i % len(basic)]
                 spec = {
@@ -241,27 +319,39 @@ def sdk_calls(control: Any, changes: int, basic: list[str]) -> dict[str, Any]:
                     )
                 )
                 times.append((time.perf_counter() - t) * 1000)
+    control.call = real_call
+    outside = [t - c for t, c in zip(times, inside, strict=True)]
     return {
         "n": len(times),
         "p50_ms": round(statistics.median(times), 2),
         "p99_ms": round(_p(times, 0.99), 2),
+        "control_plane_p50_ms": round(statistics.median(inside), 2),
+        "http_sdk_overhead_p50_ms": round(statistics.median(outside), 2),
+        "http_sdk_overhead_p99_ms": round(_p(outside, 0.99), 2),
     }
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    base = {k: results[0]["kinds"][k]["p50_ms"] for k in KINDS} if results else {}
+    paths = list(results[0].get("paths", {"": None})) if results else []
     lines = [
-        f"{'ENIs':>5} {'change':<13} {'p50 ms':>8} {'p99 ms':>8} {'x10 p50':>8} {'cmds':>6}",
+        f"{'ENIs':>5} {'path':<11} {'change':<13} {'p50 ms':>8} {'p99 ms':>8} {'x10 p50':>8} "
+        f"{'cmds':>6}  stage p50 ms: " + " ".join(f"{s:>7}" for s in STAGES),
     ]
     for r in results:
-        for k in KINDS:
-            s = r["kinds"][k]
-            lines.append(
-                f"{r['enis']:>5} {k:<13} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
-                f"{s['p50_ms'] / base[k]:>8.2f} {s['commands_median']:>6}"
-            )
+        for path in paths:
+            kinds = r["paths"][path] if path else r["kinds"]
+            base = results[0]["paths"][path] if path else results[0]["kinds"]
+            for k in KINDS:
+                s = kinds[k]
+                st = s.get("stages_p50_ms", {})
+                lines.append(
+                    f"{r['enis']:>5} {path:<11} {k:<13} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} "
+                    f"{s['p50_ms'] / base[k]['p50_ms']:>8.2f} {s['commands_median']:>6}  "
+                    f"{'':14}" + " ".join(f"{st.get(x, 0):>7.2f}" for x in STAGES)
+                )
         extra = (
-            f", SDK authorize/revoke p50 {r['sdk']['p50_ms']} ms p99 {r['sdk']['p99_ms']} ms"
+            f", SDK authorize/revoke p50 {r['sdk']['p50_ms']} ms p99 {r['sdk']['p99_ms']} ms "
+            f"(HTTP + signing + SDK client p50 {r['sdk'].get('http_sdk_overhead_p50_ms')} ms)"
             if "sdk" in r
             else ""
         )
@@ -277,14 +367,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10,50,200,500")
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--no-sdk", action="store_true")
+    parser.add_argument(
+        "--sdk-everywhere", action="store_true", help="the SDK calls at every size, not the largest"
+    )
+    parser.add_argument(
+        "--paths",
+        default="netlink",
+        help="comma list of netlink,libnftables: how element-only batches are sent; "
+        "several are interleaved in one run, each getting --changes cycles (the SDK "
+        "calls use the first)",
+    )
     parser.add_argument("--json", default="control_plane.json")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default=f"cpb{int(time.time()) % 100000}")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     if args.child is not None:
-        sdk = not args.no_sdk and args.child == max(sizes)
-        print(json.dumps(child(args.child, args.changes, sdk, args.prefix)))
+        sdk = not args.no_sdk and (args.sdk_everywhere or args.child == max(sizes))
+        paths = args.paths.split(",")
+        print(json.dumps(child(args.child, args.changes, sdk, args.prefix, paths)))
         return 0
     results = []
     for n in sizes:
@@ -300,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.sizes,
                 "--prefix",
                 args.prefix,
+                "--paths",
+                args.paths,
                 *(["--no-sdk"] if args.no_sdk else []),
+                *(["--sdk-everywhere"] if args.sdk_everywhere else []),
             ],
             capture_output=True,
             text=True,

@@ -126,13 +126,27 @@ def set_whole_mark(ns: str, flows: list[FlowEntry], mark: int) -> None:
             sock.entry("set", tuple_orig=orig, mark=mark, **extra)
 
 
+def pyroute2_flows(ns: str) -> list[FlowEntry]:
+    from nftsg.agent.conntrack import _entry_to_flow
+    from pyroute2 import Conntrack
+
+    with Conntrack(netns=ns) as sock:
+        return [
+            _entry_to_flow(e)
+            for e in sock.dump_entries()
+            if e.tuple_orig.family in (socket.AF_INET, socket.AF_INET6)
+        ]
+
+
 def readline(proc: subprocess.Popen[str], timeout: float) -> str | None:
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     return proc.stdout.readline().strip() if ready else None
 
 
-def test_judge_sets_and_clears_only_its_bit_of_the_mark(lab: dict[str, str]) -> None:
+def test_judge_sets_and_clears_only_its_bit_of_the_mark(
+    lab: dict[str, str], run_prefix: str
+) -> None:
     r = lab["r"]
     py = sys.executable
     server = subprocess.Popen(
@@ -160,6 +174,17 @@ def test_judge_sets_and_clears_only_its_bit_of_the_mark(lab: dict[str, str]) -> 
 
         with Conntracker() as ct:
             flows = ct.list_flows(r)
+            # The agent's own dump parser reads what pyroute2's decoder reads.
+            assert sorted(flows, key=repr) == sorted(pyroute2_flows(r), key=repr)
+            # The count that lets an empty table go unwalked is this namespace's own.
+            assert ct.count(r) == len(flows) == 2
+            empty = run_prefix + secrets.token_hex(3) + "-empty"
+            subprocess.run(["ip", "netns", "add", empty], check=True)
+            try:
+                assert ct.count(empty) == 0 and ct.list_flows(empty) == []
+            finally:
+                ct.release(empty)
+                subprocess.run(["ip", "netns", "delete", empty], check=False)
             tcp = [f for f in flows if f.proto == socket.IPPROTO_TCP]
             icmp = [f for f in flows if f.proto == socket.IPPROTO_ICMP]
             assert [(f.src, f.dst, f.sport, f.dport, f.state) for f in tcp] == [

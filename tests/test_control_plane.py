@@ -9,6 +9,7 @@ the call did; the incremental compile equals the full one.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,47 @@ def test_accepted_call_is_stored_and_in_force_before_it_returns(tmp_path: Path) 
     assert rig.agent.step()
     assert rig.commands() == sent
     assert rig.agent.revision == revision + 1
+
+
+def test_the_answer_waits_for_the_store_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal's fsync overlaps the kernel commit but the call does not answer
+    before it is done; a failed fsync answers ServiceUnavailable (the change is in
+    force, committed, and not known to be on disk)."""
+    rig = Rig(tmp_path, small_topology())
+    assert rig.agent.step()
+    gid = group_of(rig)
+    order: list[str] = []
+    real_sync, real_apply = rig.store.sync_journal, rig.backend.apply
+
+    def sync_journal() -> None:
+        real_sync()
+        time.sleep(0.3)  # a slow disk: an answer that did not wait would come first
+        order.append("fsync")
+
+    def apply(namespace: str, commands: list[dict[str, Any]]) -> None:
+        order.append("kernel")
+        real_apply(namespace, commands)
+
+    monkeypatch.setattr(rig.store, "sync_journal", sync_journal)
+    monkeypatch.setattr(rig.backend, "apply", apply)
+    perm = {"IpProtocol": "TCP", "PortRange": "4243/4243", "SourceCidrIp": "10.9.0.0/16"}
+    call = {"SecurityGroupId": gid, "Permissions": [perm]}
+    rig.control.call("AuthorizeSecurityGroup", call, "r")
+    assert order == ["kernel", "fsync"]  # overlapped, and both done when it returned
+
+    def failing() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(rig.store, "sync_journal", failing)
+    revision = rig.store.revision()
+    perm2 = {**perm, "PortRange": "4244/4244"}
+    with pytest.raises(EcsError) as error:
+        rig.control.call("AuthorizeSecurityGroup", {**call, "Permissions": [perm2]}, "r")
+    assert error.value.code == "ServiceUnavailable" and "disk" in error.value.message
+    assert rig.store.revision() == revision + 1  # committed, in force
+    assert rig.control.revision == revision + 1
 
 
 @pytest.mark.parametrize(
