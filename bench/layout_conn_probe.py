@@ -117,7 +117,21 @@ VARIANTS: dict[str, Callable[[Network], Program]] = {
     "key": _compiled,
     "proto-first": lambda net: permuted(_compiled(net), (2, 0, 1, 3, 4)),
     "narrow": lambda net: narrowed(_compiled(net)),
+    "limit64": lambda net: _with_limit(net, 64),
 }
+
+
+def _with_limit(net: Network, per_element: int) -> Program:
+    """Compiled with FLAT_LIMIT_PER_ELEMENT raised (a side falls back to bucket sets
+    later), to compare one big flat set against the fallback's many lookups."""
+    from nftsg.translators import compiler
+
+    saved = compiler.FLAT_LIMIT_PER_ELEMENT
+    compiler.FLAT_LIMIT_PER_ELEMENT = per_element
+    try:
+        return compile_all(net)[model.VPC]
+    finally:
+        compiler.FLAT_LIMIT_PER_ELEMENT = saved
 
 # Kernel symbols -> the part of the per-packet path they belong to.
 BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -136,7 +150,8 @@ def _rate(loadgen: str, server: str, client: str, seconds: float) -> float:
     return traffic.conn_rate(loadgen, server, client, model.address(1), model.CONN_PORT, seconds)
 
 
-def perf_window(out: Path, loadgen: str, server: str, client: str, seconds: float) -> dict[str, float]:
+def perf_window(out: Path, loadgen: str, server: str, client: str,
+                seconds: float) -> dict[str, float]:
     """conn/s load for `seconds` while perf samples every CPU; the share of the load
     generator's samples (user, kernel and the softirqs of the forwarding) per bucket,
     from `perf report --no-children` (self time per symbol)."""
@@ -174,7 +189,8 @@ def perf_window(out: Path, loadgen: str, server: str, client: str, seconds: floa
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--points", type=lambda s: [tuple(map(int, x.split("x"))) for x in s.split(",")],
+    ap.add_argument("--points",
+                    type=lambda s: [tuple(map(int, x.split("x"))) for x in s.split(",")],
                     default=[(200, 1000), (10, 10000)])
     ap.add_argument("--variants", default="key,proto-first")
     ap.add_argument("--seconds", type=float, default=2.0)
@@ -203,7 +219,8 @@ def main() -> int:
                 for v in variants:
                     t0 = time.perf_counter()
                     programs[v] = VARIANTS[v](net)
-                    print(f"N={n_enis} R={rules} {v}: compiled in {time.perf_counter() - t0:.2f} s, "
+                    took = time.perf_counter() - t0
+                    print(f"N={n_enis} R={rules} {v}: compiled in {took:.2f} s, "
                           f"{programs[v].element_count()} elements", flush=True)
 
                 def clear() -> None:
@@ -229,7 +246,8 @@ def main() -> int:
                       f"{args.seconds:g} s")
                 for config in configs:
                     med = statistics.median(results[config])
-                    print(f"  {config:12} {med:8.0f}/s  {med / base:5.2f}x none  {med / ct:5.2f}x ct"
+                    print(f"  {config:12} {med:8.0f}/s  {med / base:5.2f}x none  "
+                          f"{med / ct:5.2f}x ct"
                           f"   ({', '.join(f'{x:.0f}' for x in results[config])})", flush=True)
                 if args.perf:
                     args.perf.mkdir(parents=True, exist_ok=True)
