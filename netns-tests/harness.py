@@ -981,4 +981,3 @@ def kernel_side(
         flat = flatten(ranked[fam], _DOMAIN[fam], FLAT_ORDERS, _NO_LIMIT) or []
         boxes[fam] = {_show_box(b, fam) for b in flat}
     return SideRules(want, boxes)
-

@@ -430,7 +430,7 @@ class _Compiler:
             NftSet(
                 group_set_name(group.group_id, d, bkey, k),
                 RULE_SET_TYPE[bkey.family],
-                tuple(key_of(k) for k in part),
+                tuple(key_of(e) for e in part),
                 INTERVAL,
             )
             for d in _DIRECTIONS
