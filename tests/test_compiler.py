@@ -20,11 +20,13 @@ from hypothesis import strategies as st
 from nftsg.translators.compiler import (
     DEFAULT_CT_MARK_BIT,
     KEY_ORDER,
+    RULE_SET_TYPE,
     box_of,
     check_ct_mark_bit,
     compile_all,
     compile_vpc,
     forward_chain,
+    key_of,
     profile_id,
     split_parts,
 )
@@ -843,3 +845,28 @@ def test_reference_cost_does_not_grow_with_other_groups_or_enis() -> None:
     assert after.chain_by_name[f"in_{pid}"] == before.chain_by_name[f"in_{pid}"]
     for name in (f"f_{pid}_in_v4", f"f_{pid}_in_v6", f"f_{pid}_out_v4", f"f_{pid}_out_v6"):
         assert after.set_by_name[name] == before.set_by_name[name]
+
+
+def test_key_order_is_a_permutation_and_lookup_types_agree(demo: tuple[Network, Program]) -> None:
+    """Every rule set's type and every lookup's concatenation follow KEY_ORDER: the
+    selector at each position reads the field the set's type holds there, and
+    `box_of` undoes `key_of`."""
+    assert sorted(KEY_ORDER) == [0, 1, 2, 3, 4]
+    box = tuple(Span(i, i) for i in range(5))
+    assert box_of(key_of(box)) == box and key_of(box) != box
+    selector_type = {"l4proto": "inet_proto", "dport": "inet_service", "sport": "inet_service",
+                     "saddr": "ipv4_addr", "daddr": "ipv4_addr"}
+    _, prog = demo
+    seen = 0
+    for chain in prog.chains:
+        for rule in chain.rules:
+            for stmt in rule.statements:
+                if isinstance(stmt, Match) and isinstance(stmt.right, SetRef):
+                    s = prog.set_by_name[stmt.right.name]
+                    if len(s.type) != 5 or s.type[0] != "ipv4_addr":
+                        continue
+                    got = [selector_type[getattr(x, "key", None) or x.field]  # type: ignore[union-attr]
+                           for x in stmt.left.items]  # type: ignore[union-attr]
+                    assert tuple(got) == s.type == RULE_SET_TYPE["ipv4"]
+                    seen += 1
+    assert seen
