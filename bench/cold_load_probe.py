@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import model  # noqa: E402
-from nftsg.translators.compiler import compile_all  # noqa: E402
+from nftsg.translators.compiler import KEY_ORDER, compile_all  # noqa: E402
 from nftsg.translators.nft_text import full_sync_text  # noqa: E402
 
 
@@ -122,7 +122,7 @@ def split_sets(cmds: list[dict[str, Any]], how: str) -> list[dict[str, Any]]:
         if how == "split-proto":
             groups: dict[str, list[Any]] = {"tcp": [], "udp": [], "o": []}
             for e in items:
-                p = e["concat"][0]
+                p = e["concat"][KEY_ORDER.index(0)]  # the protocol field
                 groups["tcp" if p == 6 else "udp" if p == 17 else "o"].append(e)
             buckets = list(groups.values())
         else:

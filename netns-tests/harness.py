@@ -44,7 +44,12 @@ from nftsg.agent.lab import Lab
 from nftsg.agent.nft_backend import NftBackend
 from nftsg.agent.probe import ProbeResult, icmp_checksum, ping_probe, tcp_probe, udp_probe
 from nftsg.agent.reconcile import Reconciler, SyncReport
-from nftsg.translators.compiler import DEFAULT_CT_MARK_BIT, FLAT_ORDERS
+from nftsg.translators.compiler import (
+    DEFAULT_CT_MARK_BIT,
+    FLAT_ORDERS,
+    RULE_SET_TYPE,
+    box_of,
+)
 from nftsg.translators.evaluator import Decision, Flow, SideDecision, evaluate
 from nftsg.translators.flatten import Ranked, flatten
 from nftsg.translators.model import topology_from_data
@@ -802,10 +807,9 @@ _DOMAIN = {
     fam: (Span(0, 255), addrs, Span(0, 65535), Span(0, 65535), addrs)
     for fam, addrs in ((f, Span(0, (1 << b) - 1)) for f, b in _BITS.items())
 }
-_SET_TYPES = {
-    fam: ("inet_proto", addr, "inet_service", "inet_service", addr)
-    for fam, addr in (("ipv4", "ipv4_addr"), ("ipv6", "ipv6_addr"))
-}
+# The kernel's rule sets list their fields in the compiler's key order; boxes here
+# are in the model's order (proto, peer, dport, sport, local).
+_SET_TYPES = RULE_SET_TYPE
 _NO_LIMIT = 1 << 40
 Atoms = tuple[str, str, str, str, str]
 Buckets = dict[tuple[int, str], set[Atoms]]
@@ -957,7 +961,7 @@ def _ranked_lookups(
                 continue
             for raw in sets[ref]:
                 fields = _element(_SET_TYPES[fam], raw, ranges_ok=True)
-                box = tuple(Span(int(lo), int(hi)) for lo, hi in fields)
+                box = box_of([Span(int(lo), int(hi)) for lo, hi in fields])
                 out[fam].append(Ranked(box, rank, wanted))
     return want, out
 

@@ -28,6 +28,7 @@ from nftsg.agent.daemon import Agent
 from nftsg.agent.lab import Lab
 from nftsg.agent.settings import Settings
 from nftsg.agent.store import Store
+from nftsg.translators.compiler import KEY_ORDER
 from nftsg.translators.model import topology_from_data
 from nftsg.translators.validate import build_network
 from probes import tcp_connect
@@ -223,15 +224,25 @@ def delete_rule(r: Router) -> None:
     r.nft("delete", "rule", "inet", TABLE, "forward", "handle", str(handle))
 
 
+def element_text(proto: str, peer: str, dport: str, sport: str, local: str) -> str:
+    """A rule-set element as nft text: fields given in the model's order, written in
+    the kernel key's order (the compiler's KEY_ORDER)."""
+    return " . ".join([(proto, peer, dport, sport, local)[i] for i in KEY_ORDER])
+
+
 def add_accept_element(r: Router) -> None:
     name = r.lookup_set("i-srv", "ingress", "accept")
-    r.nft("add", "element", "inet", TABLE, name, "{ tcp . 10.1.0.0/16 . 80 . 0-65535 . 0.0.0.0/0 }")
+    r.nft(
+        "add", "element", "inet", TABLE, name,
+        "{ " + element_text("tcp", "10.1.0.0/16", "80", "0-65535", "0.0.0.0/0") + " }",
+    )
 
 
 def remove_drop_element(r: Router) -> None:
     name = r.lookup_set("i-cli", "egress", "drop")
     r.nft(
-        "delete", "element", "inet", TABLE, name, f"{{ tcp . {SERVER} . 24 . 0-65535 . 0.0.0.0/0 }}"
+        "delete", "element", "inet", TABLE, name,
+        "{ " + element_text("tcp", SERVER, "24", "0-65535", "0.0.0.0/0") + " }",
     )
 
 

@@ -24,7 +24,7 @@ from nftsg.agent.fake_backend import FakeBackend
 from nftsg.agent.nft_backend import NftError
 from nftsg.agent.settings import Settings
 from nftsg.agent.store import Store, StoreError
-from nftsg.translators.compiler import compile_vpc
+from nftsg.translators.compiler import KEY_ORDER, compile_vpc
 from nftsg.translators.evaluator import Flow
 from nftsg.translators.network import Network
 from nftsg.translators.nft import Program
@@ -176,7 +176,7 @@ class Rig:
             body = item.get("set")
             if body and "_in_" in body["name"]:
                 for elem in body.get("elem", []):
-                    dport = elem["concat"][2]
+                    dport = elem["concat"][KEY_ORDER.index(2)]  # the dport field
                     ports.add(dport if isinstance(dport, int) else dport["range"][0])
         return ports
 

@@ -19,10 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nftsg.translators.compiler import (
     DEFAULT_CT_MARK_BIT,
+    KEY_ORDER,
+    RULE_SET_TYPE,
+    box_of,
     check_ct_mark_bit,
     compile_all,
     compile_vpc,
     forward_chain,
+    key_of,
     profile_id,
     split_parts,
 )
@@ -223,7 +227,12 @@ def _payload(proto: str, field: str) -> dict[str, Any]:
 
 NFPROTO4 = {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}}
 L4 = {"meta": {"key": "l4proto"}}
-PORTS = [_payload("th", "dport"), _payload("th", "sport")]
+
+
+def K(proto: Any, peer: Any, dport: Any, sport: Any, local: Any) -> list[Any]:
+    """Fields given in the model's order, as the kernel key orders them (KEY_ORDER)."""
+    box = (proto, peer, dport, sport, local)
+    return [box[i] for i in KEY_ORDER]
 
 
 def test_v4_rule_chains_are_per_eni_buckets_priority_then_drop_first(
@@ -256,7 +265,13 @@ def test_v4_rule_chains_are_per_eni_buckets_priority_then_drop_first(
                 "match": {
                     "op": "==",
                     "left": {
-                        "concat": [L4, _payload(fam, "saddr"), *PORTS, _payload(fam, "daddr")]
+                        "concat": K(
+                            L4,
+                            _payload(fam, "saddr"),
+                            _payload("th", "dport"),
+                            _payload("th", "sport"),
+                            _payload(fam, "daddr"),
+                        )
                     },
                     "right": "@" + name,
                 }
@@ -267,12 +282,13 @@ def test_v4_rule_chains_are_per_eni_buckets_priority_then_drop_first(
     # returns by default.
     db = chain_rules(prog, "out_eni-db1")
     assert _lookup_sets(db) == ["g_sg-db_out_p100_d_v4_0", "g_sg-db_out_p100_d_v6_0"]
-    assert db[0]["expr"][1]["match"]["left"]["concat"] == [
+    assert db[0]["expr"][1]["match"]["left"]["concat"] == K(
         L4,
         _payload("ip", "daddr"),
-        *PORTS,
+        _payload("th", "dport"),
+        _payload("th", "sport"),
         _payload("ip", "saddr"),
-    ]
+    )
     assert db[-1]["expr"] == [{"return": None}]
     assert chain_rules(prog, "out_eni-web1") == [
         {
@@ -331,26 +347,26 @@ def test_v4_group_sets_hold_cidrs_members_and_prefix_list_entries(
         "intra_sg-bastion",
     }
     # CIDR rules: five fields, interval.
-    assert sets["g_sg-web_in_p10_a_v4_0"]["type"] == [
+    assert sets["g_sg-web_in_p10_a_v4_0"]["type"] == K(
         "inet_proto",
         "ipv4_addr",
         "inet_service",
         "inet_service",
         "ipv4_addr",
-    ]
+    )
     assert sets["g_sg-web_in_p10_a_v4_0"]["flags"] == ["interval"]
     assert sets["g_sg-web_in_p10_a_v4_0"]["elem"] == [
-        {"concat": [6, any_v4, 80, full, any_v4]},
-        {"concat": [6, any_v4, 443, full, any_v4]},
+        {"concat": K(6, any_v4, 80, full, any_v4)},
+        {"concat": K(6, any_v4, 443, full, any_v4)},
     ]
     # Group references: one element per live member address of the referenced group
     # (/32, /128), in both families.
     assert sets["g_sg-app_in_p1_a_v4_0"]["elem"] == [
-        {"concat": [6, "10.0.1.10", 8080, full, any_v4]},
-        {"concat": [6, "10.0.1.11", 8080, full, any_v4]},
-        {"concat": [6, "10.0.9.10", 22, full, any_v4]},
-        {"concat": [17, "10.0.1.10", 5353, full, any_v4]},
-        {"concat": [17, "10.0.1.11", 5353, full, any_v4]},
+        {"concat": K(6, "10.0.1.10", 8080, full, any_v4)},
+        {"concat": K(6, "10.0.1.11", 8080, full, any_v4)},
+        {"concat": K(6, "10.0.9.10", 22, full, any_v4)},
+        {"concat": K(17, "10.0.1.10", 5353, full, any_v4)},
+        {"concat": K(17, "10.0.1.11", 5353, full, any_v4)},
     ]
     assert len(sets["g_sg-app_in_p1_a_v6_0"]["elem"]) == 4  # the bastion has no IPv6 address
     # A bucket whose references have no member address of a family keeps an empty set,
@@ -359,12 +375,12 @@ def test_v4_group_sets_hold_cidrs_members_and_prefix_list_entries(
     # Prefix lists: their entries (ICMP from the office: IPv4 only, every type: full
     # port fields).
     office = {"prefix": {"addr": "198.51.100.0", "len": 24}}
-    assert sets["g_sg-web_in_p50_a_v4_0"]["elem"] == [{"concat": [1, office, full, full, any_v4]}]
+    assert sets["g_sg-web_in_p50_a_v4_0"]["elem"] == [{"concat": K(1, office, full, full, any_v4)}]
     assert not any(n.startswith("g_sg-web_in_p50_a_v6") for n in sets)
     # ALL drop on egress: every protocol, every address.
     any_v6 = {"prefix": {"addr": "::", "len": 0}}
     assert sets["g_sg-db_out_p100_d_v6_0"]["elem"] == [
-        {"concat": [{"range": [0, 255]}, any_v6, full, full, any_v6]}
+        {"concat": K({"range": [0, 255]}, any_v6, full, full, any_v6)}
     ]
     for body in sets.values():
         if body["name"].startswith("g_"):
@@ -375,7 +391,7 @@ def test_v4_prefix_list_entries_inside_another_are_left_out() -> None:
     topo = demo_topology()
     topo["prefix_lists"][0]["entries"] = ["198.51.100.0/24", "198.51.100.64/26", "192.0.2.7/32"]
     prog = compile_vpc(network_of(topo), "vpc-demo", layout="v4")
-    assert [k[1] for k in prog.set_by_name["g_sg-web_in_p50_a_v4_0"].elements] == [
+    assert [box_of(k)[1] for k in prog.set_by_name["g_sg-web_in_p50_a_v4_0"].elements] == [
         Span(int(ipaddress.ip_address("192.0.2.7")), int(ipaddress.ip_address("192.0.2.7"))),
         Span(
             int(ipaddress.ip_address("198.51.100.0")), int(ipaddress.ip_address("198.51.100.255"))
@@ -590,13 +606,14 @@ def test_golden(name: str) -> None:
 def test_golden_models_cover_the_rare_constructs() -> None:
     mixed = json.loads((GOLDEN / "mixed.json").read_text())["vpc-mix"]["nftables"]
     text = json.dumps(mixed)
-    assert '{"concat": [58, ' in text  # ICMPv6
-    assert '{"concat": [47, ' in text  # GRE
+    # Key order peer . dport . proto . sport . local (KEY_ORDER).
+    assert '{"range": [0, 65535]}, 58, ' in text  # ICMPv6
+    assert '{"range": [0, 65535]}, 47, ' in text  # GRE
     assert '"2001:db8:ff::", "len": 48' in text  # IPv6 prefix list
     # A local address (dest_cidr_ip on ingress) is the last field.
-    assert '{"range": [8000, 8100]}, {"range": [0, 65535]}, "10.2.1.11"]' in text
+    assert '{"range": [8000, 8100]}, 6, {"range": [0, 65535]}, "10.2.1.11"]' in text
     # Source ports are the fourth field.
-    assert '53, {"range": [1024, 65535]}' in text
+    assert '53, 17, {"range": [1024, 65535]}' in text
     # Flat sets hold address pieces that are not CIDR blocks, written as ranges.
     assert '{"range": ["0.0.0.0", "10.2.1.10"]}' in text
     # A secondary ENI is enforced on its own: the chains of its own group list.
@@ -828,3 +845,28 @@ def test_reference_cost_does_not_grow_with_other_groups_or_enis() -> None:
     assert after.chain_by_name[f"in_{pid}"] == before.chain_by_name[f"in_{pid}"]
     for name in (f"f_{pid}_in_v4", f"f_{pid}_in_v6", f"f_{pid}_out_v4", f"f_{pid}_out_v6"):
         assert after.set_by_name[name] == before.set_by_name[name]
+
+
+def test_key_order_is_a_permutation_and_lookup_types_agree(demo: tuple[Network, Program]) -> None:
+    """Every rule set's type and every lookup's concatenation follow KEY_ORDER: the
+    selector at each position reads the field the set's type holds there, and
+    `box_of` undoes `key_of`."""
+    assert sorted(KEY_ORDER) == [0, 1, 2, 3, 4]
+    box = tuple(Span(i, i) for i in range(5))
+    assert box_of(key_of(box)) == box and key_of(box) != box
+    selector_type = {"l4proto": "inet_proto", "dport": "inet_service", "sport": "inet_service",
+                     "saddr": "ipv4_addr", "daddr": "ipv4_addr"}
+    _, prog = demo
+    seen = 0
+    for chain in prog.chains:
+        for rule in chain.rules:
+            for stmt in rule.statements:
+                if isinstance(stmt, Match) and isinstance(stmt.right, SetRef):
+                    s = prog.set_by_name[stmt.right.name]
+                    if len(s.type) != 5 or s.type[0] != "ipv4_addr":
+                        continue
+                    got = [selector_type[getattr(x, "key", None) or x.field]  # type: ignore[union-attr]
+                           for x in stmt.left.items]  # type: ignore[union-attr]
+                    assert tuple(got) == s.type == RULE_SET_TYPE["ipv4"]
+                    seen += 1
+    assert seen

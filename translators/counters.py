@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from .compiler import KEY_ORDER
 from .nft import Counter, Key, Match, Program, SetRef, Span, Verdict
 from .tracer import TraceError, _element
 
@@ -107,14 +108,16 @@ def attribute(program: Program, chain: str, family: str, point: Sequence[int]) -
     address) as ints, `family` "ipv4" or "ipv6". None when nothing in the chain
     counts it (a chain without counters)."""
     addr_type = "ipv4_addr" if family == "ipv4" else "ipv6_addr"
+    # The sets' elements are in the kernel key's field order, not the point's.
+    at = tuple(point[i] for i in KEY_ORDER)
     for rule in program.chain_by_name[chain].rules:
         st = rule.statements
         if len(st) == 3 and isinstance(st[1], Match) and isinstance(st[1].right, SetRef):
             s = program.set_by_name[st[1].right.name]
-            if not s.counter or s.type[1] != addr_type:
+            if not s.counter or addr_type not in s.type:
                 continue
             for key, label in zip(s.elements, s.labels, strict=True):
-                if _holds(key, point):
+                if _holds(key, at):
                     return label
         elif st and isinstance(st[0], Counter) and isinstance(st[-1], Verdict):
             return DEFAULT

@@ -45,8 +45,10 @@ from .compiler import (
     Parts,
     RuleKey,
     _Compiler,
+    box_of,
     check_ct_mark_bit,
     flat_set_name,
+    key_of,
 )
 from .flatten import Box
 from .network import GroupPeer, Network, PrefixListPeer, Rule, SecurityGroup
@@ -292,7 +294,9 @@ class _CachedCompiler(_Compiler):
                 and len(sets) == 1
                 and sets[0].name == flat_set_name(pid, direction, fam)
             ):
-                elements: list[Any] = list(sets[0].elements)
+                # Kept in box order (what the region code reasons in); the set
+                # holds them as keys (`key_of`, the kernel's field order).
+                elements: list[Any] = sorted(box_of(e) for e in sets[0].elements)  # type: ignore[arg-type]
                 pieces = KeptPieces(elements, len(elements))
             side = _Side(want, deps, pieces, sets, rules)
         self._sides[key] = side
@@ -331,7 +335,7 @@ class _CachedCompiler(_Compiler):
             return None
         self.cache.patched += 1
         flat = old.sets[0]
-        sets = [NftSet(flat.name, flat.type, tuple(pieces.elements), flat.flags)]
+        sets = [NftSet(flat.name, flat.type, tuple(key_of(b) for b in pieces.elements), flat.flags)]
         return _Side(want, deps, pieces, sets, old.rules)
 
     def _overlapping(self, q: Box, bins: BoxBins[RuleItem]) -> list[RuleItem]:
