@@ -18,6 +18,7 @@ latency.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -37,7 +38,7 @@ from nftsg.agent.store import Store
 from nftsg.translators.bindings import bound_eni_ids
 from nftsg.translators.model import topology_from_data
 from nftsg.translators.validate import build_network
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetlinkError
 
 pytestmark = pytest.mark.netns
 
@@ -207,7 +208,15 @@ class HostLab:
                     peer={"ifname": "eth0", "address": HOT_MAC, "net_ns_fd": fd},
                     **extra,
                 )
-                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+                # The agent may already have taken it into the router (it watches
+                # links and moves a bound one at once; a move brings it down and the
+                # agent brings it up there): then there is nothing left to bring up.
+                for index in ipr.link_lookup(ifname=name):
+                    try:
+                        ipr.link("set", index=index, state="up")
+                    except NetlinkError as exc:
+                        if exc.code != errno.ENODEV:
+                            raise
             finally:
                 ipr.close()
         finally:
